@@ -1,0 +1,129 @@
+"""
+The seams of popservice, as zope interfaces, and nothing else.
+
+Every call that may touch a disk or a database returns a Deferred, so a
+store backed by PostgreSQL (or anything slow) never blocks the reactor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message of a mailbox listing, frozen at login."""
+
+    #: octets as transmitted: CRLF line ends, before byte-stuffing (RFC 1939 LIST)
+    size: int
+    #: RFC 1939 section 7: 1-70 characters in 0x21-0x7E, stable, never reused
+    uid: str
+
+
+class MailboxInUse(Exception):
+    """The mailbox is locked by another session (RFC 2449 [IN-USE])."""
+
+
+class MailboxUnavailable(Exception):
+    """The mailbox cannot be opened now (RFC 2449 [SYS/TEMP])."""
+
+
+class MessageGone(Exception):
+    """A message disappeared underneath the session (deleted by another process)."""
+
+
+class IMessageStream(Interface):
+    """The raw content of one message, read chunk by chunk."""
+
+    def read() -> object:
+        """
+        Return a Deferred firing with the next chunk of bytes, C{b""} at the end.
+        Chunks may have any size and any line ends.
+        """
+
+    def close() -> None:
+        """Release the stream (file handle, cursor).  Safe to call twice."""
+
+
+class IMailbox(Interface):
+    """
+    A mailbox as a POP3 session sees it (popservice's own avatar interface).
+
+    The listing is taken once, at login; numbering, sizes and UIDLs then stay
+    fixed for the session.  Indices are 0-based positions in that listing.
+    """
+
+    def listing() -> object:
+        """Deferred firing with a sequence of L{MessageInfo}, oldest first."""
+
+    def open(index: int) -> object:
+        """
+        Deferred firing with an L{IMessageStream} for message C{index}, or
+        failing with L{MessageGone}.
+        """
+
+    def delete(indices: "list[int]") -> object:
+        """
+        UPDATE state: remove these messages.  Deferred firing with the list of
+        indices that could not be removed (empty when all went).
+        """
+
+    def close() -> object:
+        """End of session, whatever its outcome: release locks. Returns a Deferred."""
+
+
+class IMailboxLock(Interface):
+    """
+    An exclusive per-mailbox session lock.  Today an fcntl lock on a file;
+    tomorrow a lease row shared by many front ends.  It must never go stale:
+    it dies with its holder.
+    """
+
+    def acquire() -> object:
+        """Deferred firing when the lock is held, failing with L{MailboxInUse}."""
+
+    def release() -> object:
+        """Release the lock (idempotent); returns a Deferred."""
+
+
+class IMailStore(Interface):
+    """Where mailboxes live: maps an authenticated user to a mailbox."""
+
+    def open_mailbox(user: str, home: "str | None") -> object:
+        """
+        Deferred firing with an L{IMailbox} for C{user} (already locked if the
+        store locks), failing with L{MailboxInUse} or L{MailboxUnavailable}.
+        C{home} is the user's home directory when the credentials source knows it.
+        """
+
+
+class IUserDirectory(Interface):
+    """A credentials source that also knows users' home directories."""
+
+    def home(user: str) -> "str | None":
+        """The home directory of C{user}, or C{None}."""
+
+
+class ISessionObserver(Interface):
+    """
+    The one place every session event passes: connection, login, command,
+    retrieval, deletion, logout.  Logs and metrics hook in here.
+    """
+
+    def event(name: str, session: object, **fields: object) -> None:
+        """Record event C{name} of C{session} with structured C{fields}."""
+
+
+class ISASLMechanism(Interface):
+    """A server-side SASL mechanism (RFC 5034 AUTH, RFC 4422)."""
+
+    name = Attribute("The IANA mechanism name, upper case, e.g. 'PLAIN'.")
+    plaintext = Attribute("True if the password crosses the wire recoverably.")
+
+    def start(initial: "bytes | None") -> object:
+        """First step; returns (challenge bytes or None, credentials or None)."""
+
+    def step(response: bytes) -> object:
+        """Next step; same return shape as L{start}."""

@@ -1,0 +1,1 @@
+"""popservice.server"""

@@ -1,0 +1,432 @@
+"""
+The POP3 wire format, without I/O: bytes in, events out; values in, bytes out.
+
+Nothing here imports Twisted or touches a socket or a clock, so every rule can be
+tested exhaustively (see tests/test_wire.py).  The server and client protocols
+are thin shells that feed received bytes in and write what comes out.
+
+RFC 1939 section 3 (commands, responses, byte-stuffing), RFC 2449 section 4
+(255-octet command lines, 512-octet responses, response codes).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+from popservice.states import ArgKind, COMMANDS, CommandSpec
+
+CRLF = b"\r\n"
+TERMINATOR = b".\r\n"
+
+#: RFC 2449 section 4: a command line is at most 255 octets including CRLF.
+MAX_COMMAND_LINE = 255
+#: RFC 2449 section 4: a response line is at most 512 octets including CRLF.
+MAX_RESPONSE_LINE = 512
+#: RFC 1939 section 3: an argument is at most 40 octets.
+MAX_ARGUMENT = 40
+#: A message number or line count longer than this cannot name anything real.
+_MAX_DIGITS = 10
+
+
+# --------------------------------------------------------------------------
+# Reading lines
+
+@dataclass(frozen=True)
+class LineTooLong:
+    """A line longer than the reader's limit arrived; it was discarded."""
+
+
+class LineReader:
+    """
+    Split a byte stream into lines ending in LF (CRLF or bare LF), with a hard
+    limit on line length so a peer can never make us buffer without bound.
+
+    ``feed`` only stores bytes; ``next_line`` hands out one line at a time so the
+    caller decides how much work to do per read event (fairness, backpressure).
+    """
+
+    def __init__(self, max_length: int = MAX_COMMAND_LINE) -> None:
+        self.max_length = max_length
+        self._buffer = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def clear(self) -> None:
+        """Forget everything buffered (RFC 2595 section 4: after STLS)."""
+        del self._buffer[:]
+        self._discarding = False
+
+    def take_buffer(self) -> bytes:
+        """Return and forget every buffered byte (hand over to a raw consumer)."""
+        data = bytes(self._buffer)
+        self.clear()
+        return data
+
+    def next_line(self) -> Union[bytes, LineTooLong, None]:
+        """
+        The next complete line without its line end, L{LineTooLong} for an
+        over-long line (reported once, when its end arrives, or at once when
+        the limit is passed), or C{None} when more bytes are needed.
+        """
+        while True:
+            nl = self._buffer.find(b"\n", 0, self.max_length + 1)
+            if nl < 0:
+                if len(self._buffer) > self.max_length:
+                    # Too long already: throw the bytes away, remember to
+                    # discard up to the next line end, and report once.
+                    del self._buffer[:]
+                    if not self._discarding:
+                        self._discarding = True
+                        return LineTooLong()
+                return None
+            line = bytes(self._buffer[:nl])
+            del self._buffer[: nl + 1]
+            if self._discarding:
+                self._discarding = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) + 2 > self.max_length:
+                return LineTooLong()
+            return line
+
+
+# --------------------------------------------------------------------------
+# Commands
+
+@dataclass(frozen=True)
+class Command:
+    """A syntactically valid command line: upper-case keyword and its arguments."""
+
+    keyword: str
+    args: tuple[Union[str, int], ...] = ()
+    spec: Optional[CommandSpec] = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class CommandError:
+    """
+    A command line that cannot be executed.  C{reason} is a fixed text chosen
+    here, never a copy of the client's bytes (responses must not echo input).
+    """
+
+    keyword: Optional[str]
+    reason: str
+
+
+_KEYWORD = re.compile(rb"[A-Za-z]{3,4}\Z")
+_DIGITS = re.compile(rb"[0-9]+\Z")
+
+
+def _parse_number(raw: bytes, kind: ArgKind) -> Union[int, str]:
+    if not _DIGITS.match(raw):
+        return "invalid number"
+    if len(raw) > _MAX_DIGITS:
+        return "no such message" if kind is ArgKind.MESSAGE else "invalid number"
+    value = int(raw)
+    if kind is ArgKind.MESSAGE and value < 1:
+        return "no such message"
+    return value
+
+
+def parse_command(line: bytes) -> Union[Command, CommandError]:
+    """
+    Parse one command line (without its line end).  RFC 1939 section 3:
+    keyword of 3-4 letters, case-insensitive, arguments separated by single
+    spaces, printable ASCII.  The argument grammar comes from the table in
+    L{popservice.states}; PASS keeps the rest of the line as one argument
+    because passwords may contain spaces.
+    """
+    if b"\x00" in line:
+        return CommandError(None, "invalid characters in command")
+    keyword_raw, sep, rest = line.partition(b" ")
+    if not _KEYWORD.match(keyword_raw):
+        return CommandError(None, "unknown command")
+    keyword = keyword_raw.decode("ascii").upper()
+    spec = COMMANDS.get(keyword)
+    if spec is None:
+        return CommandError(None, "unknown command")
+    kinds = spec.args
+    if kinds and kinds[-1] is ArgKind.REST:
+        if not sep or not rest:
+            return CommandError(keyword, "missing argument")
+        return Command(keyword, (rest.decode("utf-8", "surrogateescape"),), spec)
+    raw_args = rest.split(b" ") if sep else []
+    if sep and any(not a for a in raw_args):
+        return CommandError(keyword, "invalid argument syntax")
+    if len(raw_args) < spec.required:
+        return CommandError(keyword, "missing argument")
+    if len(raw_args) > len(kinds):
+        return CommandError(keyword, "too many arguments")
+    args: list[Union[str, int]] = []
+    for raw, kind in zip(raw_args, kinds):
+        if kind in (ArgKind.MESSAGE, ArgKind.COUNT):
+            value = _parse_number(raw, kind)
+            if isinstance(value, str):
+                return CommandError(keyword, value)
+            args.append(value)
+        else:
+            if len(raw) > spec.max_arg_length:
+                return CommandError(keyword, "argument too long")
+            if any(b < 0x21 or b == 0x7F for b in raw):
+                return CommandError(keyword, "invalid characters in argument")
+            args.append(raw.decode("utf-8", "surrogateescape"))
+    return Command(keyword, tuple(args), spec)
+
+
+def format_command(keyword: str, *args: Union[str, int]) -> bytes:
+    """A command line for the client side, CRLF included."""
+    parts = [keyword.encode("ascii")]
+    for a in args:
+        parts.append(str(a).encode("utf-8"))
+    line = b" ".join(parts)
+    if b"\r" in line or b"\n" in line:
+        raise ValueError("line ends in command arguments")
+    return line + CRLF
+
+
+# --------------------------------------------------------------------------
+# Responses
+
+_CODE = re.compile(r"[A-Z0-9-]+(/[A-Z0-9-]+)*\Z")
+
+
+def _status_line(status: bytes, text: str, code: Optional[str]) -> bytes:
+    if code is not None:
+        if not _CODE.match(code):
+            raise ValueError("invalid response code")
+        text = "[%s] %s" % (code, text) if text else "[%s]" % (code,)
+    body = text.encode("utf-8").replace(b"\r", b" ").replace(b"\n", b" ")
+    line = status + (b" " + body if body else b"")
+    if len(line) + 2 > MAX_RESPONSE_LINE:
+        line = line[: MAX_RESPONSE_LINE - 2]
+    return line + CRLF
+
+
+def ok(text: str = "", code: Optional[str] = None) -> bytes:
+    """A C{+OK} status line (RFC 1939 section 3)."""
+    return _status_line(b"+OK", text, code)
+
+
+def err(text: str, code: Optional[str] = None) -> bytes:
+    """An C{-ERR} status line, with an RFC 2449 response code when given."""
+    return _status_line(b"-ERR", text, code)
+
+
+def multiline(first: bytes, lines: "list[bytes]") -> bytes:
+    """A complete multi-line response: status line, stuffed lines, terminator."""
+    out = [first]
+    for line in lines:
+        if line.startswith(b"."):
+            out.append(b".")
+        out.append(line)
+        out.append(CRLF)
+    out.append(TERMINATOR)
+    return b"".join(out)
+
+
+@dataclass(frozen=True)
+class Response:
+    """A status line as the client sees it."""
+
+    ok: bool
+    code: Optional[str]
+    text: str
+
+
+_RESPONSE_CODE = re.compile(r"\[([^\]]*)\]\s?")
+
+
+def parse_response(line: bytes) -> Optional[Response]:
+    """Parse a status line (without line end); C{None} when it is not one."""
+    if line.startswith(b"+OK"):
+        ok_, rest = True, line[3:]
+    elif line.startswith(b"-ERR"):
+        ok_, rest = False, line[4:]
+    else:
+        return None
+    if rest and not rest.startswith(b" "):
+        return None
+    text = rest[1:].decode("utf-8", "replace")
+    code = None
+    m = _RESPONSE_CODE.match(text)
+    if m:
+        code = m.group(1).upper()
+        text = text[m.end():]
+    return Response(ok_, code, text)
+
+
+# --------------------------------------------------------------------------
+# Message bodies
+
+class LineEndNormaliser:
+    """
+    Incrementally convert line ends to CRLF: CRLF stays, a bare LF becomes
+    CRLF, a lone CR (not followed by LF) passes unchanged, as Dovecot does.  A
+    CR at the end of a chunk is held back until the next chunk shows whether an
+    LF follows, so CRLF split across chunks never becomes CR CR LF.
+    """
+
+    def __init__(self) -> None:
+        self._held_cr = False
+        #: True when nothing has been emitted or the last byte emitted was LF.
+        self.at_line_start = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            self._held_cr = True
+            chunk = chunk[:-1]
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.at_line_start = out.endswith(b"\n")
+        return out
+
+    def finish(self) -> bytes:
+        """Flush a held CR: a CR at the very end of the message ends its last line."""
+        if self._held_cr:
+            self._held_cr = False
+            self.at_line_start = True
+            return b"\r\n"
+        return b""
+
+
+class BodyEncoder:
+    """
+    Turn message content, in chunks of any size, into the bytes of a
+    multi-line response body: CRLF line ends, leading dots stuffed (RFC 1939
+    section 3), a CRLF added when the message does not end in one, and the
+    C{.CRLF} terminator from L{finish}.
+    """
+
+    def __init__(self) -> None:
+        self._norm = LineEndNormaliser()
+
+    def _stuff(self, data: bytes, at_line_start: bool) -> bytes:
+        if not data:
+            return data
+        data = data.replace(b"\n.", b"\n..")
+        if at_line_start and data.startswith(b"."):
+            data = b"." + data
+        return data
+
+    def encode(self, chunk: bytes) -> bytes:
+        was_at_start = self._norm.at_line_start
+        return self._stuff(self._norm.feed(chunk), was_at_start)
+
+    def finish(self) -> bytes:
+        tail = self._norm.finish()
+        if not self._norm.at_line_start:
+            tail += CRLF
+        return tail + TERMINATOR
+
+
+def transmitted_size(chunks: "Iterator[bytes] | list[bytes]") -> int:
+    """
+    The size LIST and STAT report: octets with CRLF line ends, before
+    byte-stuffing and without the CRLF added to an unterminated last line
+    (what Dovecot's C{,W=} records).
+    """
+    norm = LineEndNormaliser()
+    total = 0
+    for chunk in chunks:
+        total += len(norm.feed(chunk))
+    return total + len(norm.finish())
+
+
+class TopFilter:
+    """
+    Pass the header, the blank line after it and the first C{lines} body lines
+    of a message (RFC 1939 section 7, TOP), chunk by chunk.  Lines are counted by
+    LF; the header ends at the first empty line (LF or CRLF alone).
+    """
+
+    def __init__(self, lines: int) -> None:
+        self._remaining = lines
+        self._in_header = True
+        self._head = b""  # first two bytes of the current, unfinished line
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return b""
+        pos = 0
+        while True:
+            nl = chunk.find(b"\n", pos)
+            if nl < 0:
+                self._head = (self._head + chunk[pos:pos + 2])[:2]
+                return chunk
+            head = (self._head + chunk[pos:min(nl, pos + 2)])[:2]
+            self._head = b""
+            pos = nl + 1
+            if self._in_header:
+                if head in (b"", b"\r"):
+                    self._in_header = False
+                    if self._remaining == 0:
+                        self.done = True
+                        return chunk[:pos]
+            else:
+                self._remaining -= 1
+                if self._remaining == 0:
+                    self.done = True
+                    return chunk[:pos]
+
+
+class BodyDecoder:
+    """
+    The client side of L{BodyEncoder}: feed the bytes that follow a multi-line
+    status line, get back the unstuffed content, until the terminator is seen.
+    No line length limit applies; memory is bounded by the chunk size.
+    """
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._pending = b""  # bytes at a line start not yet decidable
+        self.done = False
+        #: Bytes received after the terminator (the next response).
+        self.trailing = b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            self.trailing += data
+            return b""
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        out = []
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if self._line_start:
+                if data[pos:pos + 1] == b".":
+                    rest = data[pos + 1:pos + 3]
+                    if rest == b"\r\n" or rest[:1] == b"\n":
+                        end = pos + 1 + (2 if rest == b"\r\n" else 1)
+                        self.done = True
+                        self.trailing = data[end:]
+                        return b"".join(out)
+                    if len(rest) == 0 or rest == b"\r":
+                        # Cannot tell yet: "." then CRLF, or a stuffed line.
+                        self._pending = data[pos:]
+                        return b"".join(out)
+                    pos += 1  # drop the stuffing dot
+                self._line_start = False
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                out.append(data[pos:])
+                break
+            out.append(data[pos:nl + 1])
+            pos = nl + 1
+            self._line_start = True
+        return b"".join(out)
