@@ -77,21 +77,29 @@ class LineReader:
         the limit is passed), or C{None} when more bytes are needed.
         """
         while True:
+            if self._discarding:
+                nl = self._buffer.find(b"\n")
+                if nl < 0:
+                    del self._buffer[:]
+                    return None
+                del self._buffer[: nl + 1]
+                self._discarding = False
+                continue
             nl = self._buffer.find(b"\n", 0, self.max_length + 1)
             if nl < 0:
                 if len(self._buffer) > self.max_length:
-                    # Too long already: throw the bytes away, remember to
-                    # discard up to the next line end, and report once.
-                    del self._buffer[:]
-                    if not self._discarding:
+                    # Too long: throw the line away (up to its end if it is
+                    # here, else up to the end that is still to come).
+                    nl = self._buffer.find(b"\n")
+                    if nl >= 0:
+                        del self._buffer[: nl + 1]
+                    else:
+                        del self._buffer[:]
                         self._discarding = True
-                        return LineTooLong()
+                    return LineTooLong()
                 return None
             line = bytes(self._buffer[:nl])
             del self._buffer[: nl + 1]
-            if self._discarding:
-                self._discarding = False
-                continue
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) + 2 > self.max_length:

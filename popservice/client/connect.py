@@ -1,0 +1,192 @@
+"""
+From a C{pop3://} or C{pop3s://} URL (RFC 2384) to a connected, TLS-protected,
+logged-in L{POP3Client}.
+
+TLS is verified by default: L{twisted.internet.ssl.optionsForClientTLS} checks
+the chain against the platform's trust store (or C{ca_file}) and the name
+through service_identity (RFC 6125/7817 rules; an IP address in the URL is
+matched against the certificate's IP SANs).  C{insecure=True} is the only
+way to skip that.
+
+    client = yield connect(reactor, "pop3s://alice@mail.example.org", Credentials("alice", pw))
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+
+from popservice.client.protocol import Credentials, POP3Client, TLSRequiredError
+
+__all__ = ["POP3URL", "connect", "open_connection", "parse_url", "tls_options"]
+
+DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
+
+
+@dataclass(frozen=True)
+class POP3URL:
+    """A parsed RFC 2384 URL (C{pop3s} for implicit TLS, RFC 8314)."""
+
+    scheme: str
+    host: str
+    port: int
+    user: str | None = None
+    #: C{;AUTH=} value: None/"*" any, "+APOP", or a SASL mechanism name
+    auth: str | None = None
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.scheme == "pop3s"
+
+    @property
+    def mechanisms(self) -> tuple[str, ...] | None:
+        """The login methods the URL allows (None: any)."""
+        if self.auth is None or self.auth == "*":
+            return None
+        if self.auth.upper() == "+APOP":
+            return ("APOP",)
+        return (self.auth.upper(),)
+
+    def __str__(self) -> str:
+        user = ""
+        if self.user is not None:
+            user = self.user + (f";AUTH={self.auth}" if self.auth else "") + "@"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{user}{host}:{self.port}"
+
+
+def parse_url(url: str) -> POP3URL:
+    """Parse C{pop3://[user[;AUTH=mech]@]host[:port]} or its C{pop3s} form."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"not a pop3:// or pop3s:// URL: {url!r}")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"a POP3 URL has no path: {url!r}")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"no host in {url!r}")
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}")
+    user: str | None = None
+    auth: str | None = None
+    if parts.username is not None:
+        raw = parts.username
+        m = re.match(r"(.*?);auth=(.*)\Z", raw, re.IGNORECASE)
+        if m:
+            raw, auth = m.group(1), unquote(m.group(2))
+        user = unquote(raw) or None
+    return POP3URL(scheme, host, port, user, auth)
+
+
+def _pem_certificates(data: bytes) -> list[Any]:
+    from twisted.internet import ssl
+
+    blocks = re.findall(
+        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.DOTALL)
+    if not blocks:
+        raise ValueError("no PEM certificate in the CA file")
+    return [ssl.Certificate.loadPEM(b) for b in blocks]
+
+
+def tls_options(hostname: str, ca_file: str | None = None, insecure: bool = False) -> Any:
+    """
+    A client TLS connection creator for C{hostname}: verified against the
+    platform trust store, or the certificates in C{ca_file} (PEM) only;
+    C{insecure=True} disables verification entirely.
+    """
+    from twisted.internet import ssl
+
+    if insecure:
+        return ssl.CertificateOptions(verify=False)
+    if ca_file is not None:
+        with open(ca_file, "rb") as f:
+            trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+                _pem_certificates(f.read()))
+        return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+    return ssl.optionsForClientTLS(hostname)
+
+
+def _endpoint(reactor: Any, url: POP3URL, tls: Any, timeout: float) -> Any:
+    endpoint: Any = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+    if url.implicit_tls:
+        endpoint = wrapClientTLS(tls, endpoint)
+    return endpoint
+
+
+@defer.inlineCallbacks
+def open_connection(
+    reactor: Any,
+    url: POP3URL | str,
+    *,
+    starttls: str = "required",
+    ca_file: str | None = None,
+    insecure: bool = False,
+    timeout: float = 60.0,
+    protocol_factory: type[POP3Client] = POP3Client,
+) -> Any:
+    """
+    Connect, read the greeting and CAPA, and secure the session: implicit
+    TLS for C{pop3s}, else STLS when C{starttls} is C{"required"} (fail if
+    the server does not offer it) or C{"optional"}; C{"none"} stays plain.
+    Fires with the L{POP3Client}, not logged in.
+    """
+    if isinstance(url, str):
+        url = parse_url(url)
+    if starttls not in ("required", "optional", "none"):
+        raise ValueError(f"starttls must be required, optional or none, not {starttls!r}")
+    tls = tls_options(url.host, ca_file, insecure) if url.implicit_tls or starttls != "none" else None
+    client = protocol_factory()
+    client.timeout = timeout
+    yield connectProtocol(_endpoint(reactor, url, tls, timeout), client)  # type: ignore[no-untyped-call]
+    try:
+        yield client.greeting
+        if url.implicit_tls:
+            client.tls = True
+        caps = yield client.capabilities()
+        if not url.implicit_tls and starttls != "none":
+            if caps.stls:
+                # RFC 2595: STLS comes first, whatever else (APOP) the greeting offers
+                yield client.starttls(tls)
+            elif starttls == "required":
+                raise TLSRequiredError(
+                    f"{url.host} does not offer STLS (use pop3s://, or allow plaintext explicitly)")
+    except BaseException:
+        client.abort()
+        raise
+    return client
+
+
+@defer.inlineCallbacks
+def connect(
+    reactor: Any,
+    url: POP3URL | str,
+    credentials: Credentials | None = None,
+    **options: Any,
+) -> Any:
+    """
+    L{open_connection}, then log in with C{credentials} (the URL's user
+    name when C{credentials.username} is empty; its C{;AUTH=} restricts the
+    mechanisms).  Fires with a logged-in L{POP3Client}.
+    """
+    if isinstance(url, str):
+        url = parse_url(url)
+    client = yield open_connection(reactor, url, **options)
+    if credentials is not None:
+        if not credentials.username and url.user:
+            credentials = replace(credentials, username=url.user)
+        if credentials.mechanisms is None and url.mechanisms is not None:
+            credentials = replace(credentials, mechanisms=url.mechanisms)
+        try:
+            yield client.login(credentials)
+        except BaseException:
+            client.abort()
+            raise
+    return client

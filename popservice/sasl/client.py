@@ -1,0 +1,232 @@
+"""
+Client side of the SASL mechanisms a POP3 client meets (RFC 5034 AUTH).
+
+Each mechanism is a small state machine: L{ClientMechanism.initial} gives the
+initial response (or C{None} when the mechanism starts with a server
+challenge), L{ClientMechanism.respond} answers each decoded challenge.  The
+protocol does the base64 and the C{+ }/C{*} framing; nothing here does I/O.
+
+L{choose_mechanism} picks the strongest mechanism both sides support.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class SASLError(Exception):
+    """The server's challenge or final message is unacceptable."""
+
+
+@dataclass(frozen=True)
+class SASLCredentials:
+    """What a mechanism may need; C{token} is an OAuth 2.0 bearer token."""
+
+    username: str
+    password: str | None = None
+    token: str | None = None
+    authzid: str = ""
+    #: for OAUTHBEARER's gs2/kvpairs (RFC 7628 section 3.1)
+    host: str = ""
+    port: int = 0
+
+
+class ClientMechanism:
+    """Base class: one exchange, one instance."""
+
+    name = ""
+    #: True when the password crosses the wire in a recoverable form.
+    plaintext = False
+
+    def __init__(self, creds: SASLCredentials) -> None:
+        self.creds = creds
+
+    def initial(self) -> bytes | None:
+        """The initial response (RFC 4422 section 5), C{None} to wait for a challenge."""
+        return None
+
+    def respond(self, challenge: bytes) -> bytes:
+        """Answer one challenge; raise L{SASLError} to abort the exchange."""
+        raise SASLError(f"{self.name}: unexpected challenge")
+
+    def _password(self) -> str:
+        if self.creds.password is None:
+            raise SASLError(f"{self.name} needs a password")
+        return self.creds.password
+
+
+class Plain(ClientMechanism):
+    """RFC 4616: authzid NUL authcid NUL password, as the initial response."""
+
+    name = "PLAIN"
+    plaintext = True
+
+    def initial(self) -> bytes | None:
+        c = self.creds
+        return b"\0".join(
+            s.encode("utf-8") for s in (c.authzid, c.username, self._password()))
+
+    def respond(self, challenge: bytes) -> bytes:
+        # a server that ignored the initial response sends an empty challenge
+        if challenge:
+            raise SASLError("PLAIN: unexpected non-empty challenge")
+        initial = self.initial()
+        assert initial is not None
+        return initial
+
+
+class Login(ClientMechanism):
+    """draft-murchison-sasl-login: user name, then password, on two challenges."""
+
+    name = "LOGIN"
+    plaintext = True
+
+    def __init__(self, creds: SASLCredentials) -> None:
+        super().__init__(creds)
+        self._step = 0
+
+    def respond(self, challenge: bytes) -> bytes:
+        self._step += 1
+        if self._step == 1:
+            return self.creds.username.encode("utf-8")
+        if self._step == 2:
+            return self._password().encode("utf-8")
+        raise SASLError("LOGIN: too many challenges")
+
+
+class CramMD5(ClientMechanism):
+    """RFC 2195: user name, space, hex HMAC-MD5 of the challenge keyed by the password."""
+
+    name = "CRAM-MD5"
+
+    def respond(self, challenge: bytes) -> bytes:
+        if not challenge:
+            raise SASLError("CRAM-MD5: empty challenge")
+        digest = hmac.new(self._password().encode("utf-8"), challenge, hashlib.md5).hexdigest()
+        return self.creds.username.encode("utf-8") + b" " + digest.encode("ascii")
+
+
+class ScramSHA256(ClientMechanism):
+    """RFC 7677 SCRAM-SHA-256 (no channel binding) through scramp; verifies the server."""
+
+    name = "SCRAM-SHA-256"
+
+    def __init__(self, creds: SASLCredentials) -> None:
+        super().__init__(creds)
+        import scramp  # type: ignore[import-untyped]
+
+        self._scramp = scramp
+        self._client = scramp.ScramClient([self.name], creds.username, self._password())
+        self._step = 0
+        #: True once the server proved it knows the password (server-final verified)
+        self.server_verified = False
+
+    def initial(self) -> bytes | None:
+        self._step = 1
+        first: str = self._client.get_client_first()
+        return first.encode("utf-8")
+
+    def respond(self, challenge: bytes) -> bytes:
+        try:
+            if self._step == 1:
+                self._step = 2
+                self._client.set_server_first(challenge.decode("utf-8"))
+                final: str = self._client.get_client_final()
+                return final.encode("utf-8")
+            if self._step == 2:
+                self._step = 3
+                self._client.set_server_final(challenge.decode("utf-8"))
+                self.server_verified = True
+                return b""
+        except self._scramp.ScramException as e:
+            raise SASLError(f"SCRAM-SHA-256: {e}")
+        except UnicodeDecodeError:
+            raise SASLError("SCRAM-SHA-256: challenge is not UTF-8")
+        raise SASLError("SCRAM-SHA-256: too many challenges")
+
+
+class XOAuth2(ClientMechanism):
+    """Google/Microsoft XOAUTH2: C{user=U^Aauth=Bearer T^A^A}; an error JSON is acknowledged."""
+
+    name = "XOAUTH2"
+
+    def _token(self) -> str:
+        if self.creds.token is None:
+            raise SASLError(f"{self.name} needs an OAuth token")
+        return self.creds.token
+
+    def initial(self) -> bytes | None:
+        return (f"user={self.creds.username}\x01auth=Bearer {self._token()}\x01\x01").encode()
+
+    def respond(self, challenge: bytes) -> bytes:
+        # the server sends a JSON error as a challenge; an empty answer ends it (-ERR follows)
+        return b""
+
+
+class OAuthBearer(XOAuth2):
+    """RFC 7628 OAUTHBEARER; an error JSON challenge is answered with C{^A} (section 3.2.3)."""
+
+    name = "OAUTHBEARER"
+
+    def initial(self) -> bytes | None:
+        c = self.creds
+        gs2 = "n,a={},".format(c.username.replace("=", "=3D").replace(",", "=2C"))
+        kv = ""
+        if c.host:
+            kv += f"host={c.host}\x01"
+        if c.port:
+            kv += f"port={c.port}\x01"
+        return (f"{gs2}\x01{kv}auth=Bearer {self._token()}\x01\x01").encode()
+
+    def respond(self, challenge: bytes) -> bytes:
+        return b"\x01"
+
+
+MECHANISMS: dict[str, type[ClientMechanism]] = {
+    m.name: m for m in (ScramSHA256, CramMD5, Plain, Login, OAuthBearer, XOAuth2)
+}
+
+#: Strongest first.  Challenge-response before plaintext: SCRAM proves the
+#: server too, CRAM-MD5 at least keeps the password off the wire.
+PASSWORD_PREFERENCE = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
+TOKEN_PREFERENCE = ("OAUTHBEARER", "XOAUTH2")
+
+
+def choose_mechanism(
+    offered: Sequence[str],
+    creds: SASLCredentials,
+    allowed: Sequence[str] | None = None,
+    allow_plaintext: bool = True,
+) -> ClientMechanism | None:
+    """
+    The strongest mechanism in C{offered} (the server's CAPA SASL list) usable
+    with C{creds}; C{allowed} restricts the choice (e.g. from a URL's
+    C{;AUTH=}); plaintext mechanisms are skipped unless C{allow_plaintext}.
+    """
+    offered_up = {m.upper() for m in offered}
+    prefs: list[str] = []
+    if creds.token is not None:
+        prefs += TOKEN_PREFERENCE
+    if creds.password is not None:
+        prefs += PASSWORD_PREFERENCE
+    for name in prefs:
+        if name not in offered_up:
+            continue
+        if allowed is not None and name not in {a.upper() for a in allowed}:
+            continue
+        cls = MECHANISMS[name]
+        if cls.plaintext and not allow_plaintext:
+            continue
+        return cls(creds)
+    return None
+
+
+def make_mechanism(name: str, creds: SASLCredentials) -> ClientMechanism:
+    """An instance of the named mechanism; L{SASLError} when unknown here."""
+    cls = MECHANISMS.get(name.upper())
+    if cls is None:
+        raise SASLError(f"unsupported SASL mechanism {name!r}")
+    return cls(creds)

@@ -1,0 +1,47 @@
+"""
+The one place every session event passes.  The default observer writes
+structured C{twisted.logger} events; metrics exporters add observers beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popservice.interfaces import ISessionObserver
+
+#: events that are worth an info line; the rest are debug
+_INFO = {"connect", "login", "login_failed", "logout", "takeover", "update_failed", "error"}
+
+
+@implementer(ISessionObserver)
+class LogObserver:
+    """Log each session event with its fields (user, peer, counts...)."""
+
+    log = Logger(namespace="popservice.session")
+
+    def event(self, name: str, session: object, **fields: object) -> None:
+        fmt = "pop3 {event}: " + " ".join("%s={%s}" % (k, k) for k in sorted(fields))
+        if name in _INFO:
+            self.log.info(fmt, event=name, **fields)
+        else:
+            self.log.debug(fmt, event=name, **fields)
+
+
+@implementer(ISessionObserver)
+class Observers:
+    """Fan an event out to several observers; one failing never stops the others."""
+
+    log = Logger()
+
+    def __init__(self, observers: Iterable[ISessionObserver]) -> None:
+        self.observers = list(observers)
+
+    def event(self, name: str, session: object, **fields: object) -> None:
+        for observer in self.observers:
+            try:
+                observer.event(name, session, **fields)
+            except Exception:
+                self.log.failure("session observer {observer!r} failed", observer=observer)

@@ -1,0 +1,87 @@
+"""
+The public server API: a L{POP3ServerFactory} wiring a cred portal, the
+policy, TLS and observers; and L{makeServer} to build a portal-backed factory
+from a store and checkers in one call, for composing popservice into a larger
+Twisted application.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ServerFactory
+
+from popservice import __version__
+from popservice.interfaces import IMailStore, ISessionObserver, IUserDirectory
+from popservice.server.events import LogObserver
+from popservice.server.policy import Policy
+from popservice.server.protocol import POP3ServerProtocol
+from popservice.server.realm import MailRealm, SessionRegistry
+
+
+@dataclass
+class ServerConfig:
+    #: the name in the greeting's APOP timestamp
+    hostname: str = field(default_factory=socket.gethostname)
+    #: idle timeout in seconds (at least 600 once logged in, RFC 1939 section 3)
+    timeout: float = 600.0
+    #: a login must complete within this many seconds of connecting (0: no limit)
+    login_timeout: float = 60.0
+    #: context factory for STLS (e.g. twisted.internet.ssl.CertificateOptions); None: no STLS
+    tls_context: Any = None
+    #: offer APOP (a timestamp in the greeting) where plaintext logins are allowed
+    apop: bool = True
+    policy: Policy = field(default_factory=Policy)
+    implementation: str = "popservice " + __version__
+
+
+class POP3ServerFactory(ServerFactory):
+    """Builds L{POP3ServerProtocol}s sharing one portal, config and registry."""
+
+    protocol = POP3ServerProtocol
+
+    def __init__(self, portal: Portal, config: Optional[ServerConfig] = None,
+                 observer: Optional[ISessionObserver] = None,
+                 registry: Optional[SessionRegistry] = None,
+                 clock: Optional[IReactorTime] = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        self.portal = portal
+        self.config = config if config is not None else ServerConfig()
+        self.observer: ISessionObserver = observer if observer is not None else LogObserver()
+        realm_registry = getattr(portal.realm, "registry", None)
+        self.registry: SessionRegistry = (
+            registry if registry is not None
+            else realm_registry if isinstance(realm_registry, SessionRegistry)
+            else SessionRegistry()
+        )
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.connections: set[POP3ServerProtocol] = set()
+
+    def connection_opened(self, protocol: POP3ServerProtocol) -> None:
+        self.connections.add(protocol)
+
+    def connection_closed(self, protocol: POP3ServerProtocol) -> None:
+        self.connections.discard(protocol)
+
+
+def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
+               config: Optional[ServerConfig] = None, *, lock_grace: float = 60.0,
+               exclusive: bool = True, observer: Optional[ISessionObserver] = None,
+               clock: Optional[IReactorTime] = None) -> POP3ServerFactory:
+    """
+    A server factory for C{store}, authenticating with C{checkers}.  A checker
+    that also provides L{IUserDirectory} supplies home directories for C{~}.
+    """
+    checkers = list(checkers)
+    directory = next((c for c in checkers if IUserDirectory.providedBy(c)), None)
+    registry = SessionRegistry(grace=lock_grace, enabled=exclusive)
+    portal = Portal(MailRealm(store, directory, registry), checkers)
+    return POP3ServerFactory(portal, config, observer=observer, registry=registry, clock=clock)

@@ -1,0 +1,652 @@
+"""
+The POP3 server protocol: a thin Twisted shell around L{popservice.wire}.
+
+It feeds received bytes to a L{wire.LineReader}, dispatches each command
+through the one table in L{popservice.states}, streams message bodies from the
+store with flow control, and owns timeouts and backpressure:
+
+  - the protocol is the transport's streaming producer: when the client stops
+    reading and the transport's buffer fills, the protocol stops both sending
+    and reading, so a pipelining client that never reads costs bounded memory;
+  - at most C{commands_per_turn} commands are handled per reactor turn, so a
+    flood of pipelined commands cannot starve other connections.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.mail import pop3 as twisted_pop3
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from popservice import wire
+from popservice.interfaces import (
+    IMailbox,
+    IMessageStream,
+    MailboxInUse,
+    MailboxUnavailable,
+    MessageGone,
+)
+from popservice.server.login import Authorization, Capabilities, UnauthorizedLogin, apop_timestamp
+from popservice.server.session import MailboxSession
+from popservice.states import State, legal
+from popservice.stores.twistedmail import TwistedMailboxAdapter
+
+if TYPE_CHECKING:
+    from popservice.server.factory import POP3ServerFactory
+
+#: RFC 1939 section 3: the autologout timer is at least 10 minutes once logged in.
+MIN_TRANSACTION_TIMEOUT = 600.0
+
+
+@dataclass
+class _Body:
+    """A multi-line message body being streamed (RETR or TOP)."""
+
+    stream: IMessageStream
+    encoder: wire.BodyEncoder
+    top: Optional[wire.TopFilter]
+    waiting: bool = False
+    sent: int = 0
+
+
+Handler = Callable[["POP3ServerProtocol", wire.Command], Optional[bytes]]
+
+
+@implementer(IPushProducer)
+class POP3ServerProtocol(Protocol):
+    """One POP3 connection (RFC 1939, 2449, 2595)."""
+
+    log = Logger()
+    factory: "POP3ServerFactory"
+
+    commands_per_turn = 32
+    input_high_water = 4096
+
+    state = State.AUTHORIZATION
+    session: Optional[MailboxSession] = None
+    user: Optional[str] = None
+    end_reason = "disconnected"
+
+    def __init__(self) -> None:
+        self.reader = wire.LineReader(wire.MAX_COMMAND_LINE)
+        self.auth = Authorization(None)
+        self.peer_host: Optional[str] = None
+        self.tls = False
+        self._body: Optional[_Body] = None
+        self._waiting = False
+        self._paused = False
+        self._reading = True
+        self._running = False
+        self._closed = False
+        self._closing = False
+        self._bad_commands = 0
+        self._turn_call: Optional[IDelayedCall] = None
+        self._idle_call: Optional[IDelayedCall] = None
+        self._login_call: Optional[IDelayedCall] = None
+        self._last_activity = 0.0
+
+    # ------------------------------------------------------------------
+    # Connection life
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self._set_nodelay(transport)
+        peer = transport.getPeer()
+        self.peer_host = getattr(peer, "host", None)
+        self.tls = ISSLTransport.providedBy(transport)
+        config = self.factory.config
+        if config.apop and self._plaintext_allowed():
+            self.auth = Authorization(apop_timestamp(config.hostname))
+        transport.registerProducer(self, True)
+        self._last_activity = self.factory.clock.seconds()
+        self._reset_idle_timer()
+        if config.login_timeout > 0:
+            self._login_call = self.factory.clock.callLater(config.login_timeout, self._login_timed_out)
+        self.factory.connection_opened(self)
+        self._event("connect", tls=self.tls)
+        transport.write(self.auth.greeting(config.hostname))
+
+    @staticmethod
+    def _set_nodelay(transport: Any) -> None:
+        """
+        TCP_NODELAY on the real socket, under any TLS wrapper: without it the
+        last line of each response waits for the peer's delayed ACK (~40 ms).
+        """
+        while transport is not None:
+            setter = getattr(transport, "setTcpNoDelay", None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except (OSError, AttributeError):
+                    pass
+                return
+            get_handle = getattr(transport, "getHandle", None)
+            if get_handle is not None:
+                handle = get_handle()
+                if isinstance(handle, socket.socket):
+                    try:
+                        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    except OSError:
+                        pass
+                    return
+            transport = getattr(transport, "transport", None)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closed = True
+        for call in (self._turn_call, self._idle_call, self._login_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self._body is not None:
+            self._body.stream.close()
+            self._body = None
+        if self.session is not None and self.state is not State.UPDATE:
+            # A dropped or timed-out connection never reaches UPDATE: nothing is deleted.
+            self._release_mailbox()
+        stats = self.session.stats if self.session is not None else None
+        self._event("logout", reason=self.end_reason, tls=self.tls,
+                    retr=stats.retr if stats else 0, retr_bytes=stats.retr_bytes if stats else 0,
+                    top=stats.top if stats else 0, deleted=stats.deleted if stats else 0,
+                    deleted_bytes=stats.deleted_bytes if stats else 0)
+        self.factory.connection_closed(self)
+
+    def _release_mailbox(self) -> "defer.Deferred[Any]":
+        session = self.session
+        if self.user is not None:
+            self.factory.registry.unregister(self.user, self)
+        if session is None:
+            return defer.succeed(None)
+        d: defer.Deferred[Any] = defer.maybeDeferred(session.mailbox.close)
+        d.addErrback(lambda f: self.log.failure("closing mailbox failed", f))
+        return d
+
+    def _close(self, reason: str) -> None:
+        self.end_reason = reason
+        self._closing = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # SessionHandle, for the registry's takeover of idle sessions
+    def idle_seconds(self) -> float:
+        return self.factory.clock.seconds() - self._last_activity
+
+    def terminate(self, reason: str) -> "defer.Deferred[None]":
+        """End this session without UPDATE (taken over by a new login)."""
+        self.end_reason = reason
+        self._event("takeover")
+        d = self._release_mailbox()
+        self.session = None
+        self._closing = True
+        transport: Any = self.transport
+        transport.abortConnection()
+        return d.addCallback(lambda _: None)
+
+    # ------------------------------------------------------------------
+    # Timeouts
+
+    def _idle_timeout(self) -> float:
+        timeout = float(self.factory.config.timeout)
+        if self.state is State.TRANSACTION:
+            return max(timeout, MIN_TRANSACTION_TIMEOUT)
+        return timeout
+
+    def _reset_idle_timer(self) -> None:
+        self._last_activity = self.factory.clock.seconds()
+        delay = self._idle_timeout()
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(delay)
+        else:
+            self._idle_call = self.factory.clock.callLater(delay, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._write(wire.err("Disconnected for inactivity", "SYS/TEMP"))
+        self._abort_soon("idle timeout")
+
+    def _login_timed_out(self) -> None:
+        if self.state is State.AUTHORIZATION:
+            self._write(wire.err("Login took too long", "AUTH"))
+            self._abort_soon("login timeout")
+
+    def _abort_soon(self, reason: str) -> None:
+        """Close; if the peer does not read the last words within 5 s, abort."""
+        self._close(reason)
+        transport: Any = self.transport
+        self.factory.clock.callLater(5, lambda: None if self._closed else transport.abortConnection())
+
+    # ------------------------------------------------------------------
+    # Flow control (IPushProducer towards the transport)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._last_activity = self.factory.clock.seconds()
+        self._run()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    def _update_reading(self) -> None:
+        if self._closed:
+            return
+        high = max(self.input_high_water, self.reader.max_length + 2)
+        want = not self._paused and not self._closing and self.reader.buffered < high
+        if want != self._reading:
+            self._reading = want
+            transport: Any = self.transport
+            if want:
+                transport.resumeProducing()
+            else:
+                transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.reader.feed(data)
+        self._run()
+
+    def _run(self) -> None:
+        """Do bounded work: pump body chunks and answer buffered commands in order."""
+        if self._running or self._closed:
+            return
+        self._running = True
+        try:
+            budget = self.commands_per_turn
+            while not self._paused and not self._closing and not self._waiting:
+                if self._body is not None:
+                    if self._body.waiting:
+                        break
+                    self._pump(self._body)
+                    continue
+                if budget <= 0:
+                    if self._turn_call is None or not self._turn_call.active():
+                        self._turn_call = self.factory.clock.callLater(0, self._run)
+                    break
+                line = self.reader.next_line()
+                if line is None:
+                    break
+                budget -= 1
+                self._handle_line(line)
+        finally:
+            self._running = False
+        self._update_reading()
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def _event(self, name: str, **fields: object) -> None:
+        self.factory.observer.event(name, self, user=self.user, peer=self.peer_host, **fields)
+
+    # ------------------------------------------------------------------
+    # Commands
+
+    def _handle_line(self, line: Union[bytes, wire.LineTooLong]) -> None:
+        self._reset_idle_timer()
+        if isinstance(line, wire.LineTooLong):
+            self._bad_command(wire.err("Command line too long"))
+            return
+        command = wire.parse_command(line)
+        if isinstance(command, wire.CommandError):
+            self._bad_command(wire.err(command.reason.capitalize()))
+            return
+        if not legal(self.state, command.keyword):
+            if self.state is State.TRANSACTION and command.keyword in ("USER", "PASS", "APOP", "AUTH", "STLS"):
+                self._bad_command(wire.err("Already logged in"))
+            else:
+                self._bad_command(wire.err("Command not valid in this state"))
+            return
+        self._event("command", command=command.keyword)
+        try:
+            response = HANDLERS[command.keyword](self, command)
+        except Exception:
+            self.log.failure("command {command} failed", command=command.keyword)
+            response = wire.err("Internal server error", "SYS/TEMP")
+        if response is not None:
+            self._write(response)
+
+    def _bad_command(self, response: bytes) -> None:
+        self._bad_commands += 1
+        policy = self.factory.config.policy
+        limit = (policy.max_bad_commands_before_login if self.state is State.AUTHORIZATION
+                 else policy.max_bad_commands_after_login)
+        self._write(response)
+        if self._bad_commands >= limit:
+            self._write(wire.err("Too many invalid commands, closing connection"))
+            self._close("too many bad commands")
+
+    def _plaintext_allowed(self) -> bool:
+        return self.factory.config.policy.plaintext_allowed(self.peer_host, self.tls)
+
+    def capabilities(self) -> Capabilities:
+        config = self.factory.config
+        return Capabilities(user=self._plaintext_allowed(),
+                            stls=config.tls_context is not None and not self.tls,
+                            implementation=config.implementation)
+
+    # -- AUTHORIZATION (RFC 1939 section 4, 7; RFC 2449; RFC 2595)
+
+    def do_CAPA(self, command: wire.Command) -> bytes:
+        """RFC 2449 section 5: CAPA, legal in AUTHORIZATION and TRANSACTION."""
+        return self.capabilities().response(self.state is State.TRANSACTION)
+
+    def do_QUIT(self, command: wire.Command) -> Optional[bytes]:
+        """RFC 1939 section 4 and 6: QUIT; in TRANSACTION it enters UPDATE."""
+        if self.state is State.AUTHORIZATION:
+            self._write(wire.ok("Bye"))
+            self._close("quit")
+            return None
+        return self._update()
+
+    def do_USER(self, command: wire.Command) -> bytes:
+        """RFC 1939 section 7: USER name."""
+        if not self._plaintext_allowed():
+            return wire.err("Plaintext authentication disallowed on non-secure connections, use STLS",
+                            "AUTH")
+        return self.auth.user_command(str(command.args[0]))
+
+    def do_PASS(self, command: wire.Command) -> Optional[bytes]:
+        """RFC 1939 section 7: PASS string."""
+        if not self._plaintext_allowed():
+            return wire.err("Plaintext authentication disallowed on non-secure connections, use STLS",
+                            "AUTH")
+        credentials = self.auth.pass_credentials(str(command.args[0]))
+        if isinstance(credentials, bytes):
+            return credentials
+        self._login(credentials, credentials.username)
+        return None
+
+    def do_APOP(self, command: wire.Command) -> Optional[bytes]:
+        """RFC 1939 section 7: APOP name digest."""
+        credentials = self.auth.apop_credentials(str(command.args[0]), str(command.args[1]))
+        if isinstance(credentials, bytes):
+            return credentials
+        self._login(credentials, credentials.username)
+        return None
+
+    def do_AUTH(self, command: wire.Command) -> bytes:
+        """RFC 5034 section 4: AUTH; without arguments, the list of mechanisms."""
+        if not command.args:
+            return wire.multiline(wire.ok("Mechanisms follow"), [])
+        return wire.err("Unsupported authentication mechanism")
+
+    def do_STLS(self, command: wire.Command) -> Optional[bytes]:
+        """RFC 2595 section 4: STLS, only once, only before login."""
+        context = self.factory.config.tls_context
+        if self.tls:
+            return wire.err("Already using TLS")
+        if context is None:
+            return wire.err("TLS is not available")
+        self._write(wire.ok("Begin TLS negotiation now"))
+        # Anything pipelined after STLS was sent in the clear: discard it
+        # (RFC 2595 section 4; the CVE-2011-0411 command injection).
+        self.reader.clear()
+        self.auth.user = None
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.startTLS(context)
+        transport.registerProducer(self, True)
+        self.tls = True
+        self._event("stls")
+        return None
+
+    def do_UTF8(self, command: wire.Command) -> bytes:
+        """RFC 6856 section 3: not offered by this server yet."""
+        return wire.err("UTF8 is not supported")
+
+    def do_LANG(self, command: wire.Command) -> bytes:
+        """RFC 6856 section 4: not offered by this server yet."""
+        return wire.err("LANG is not supported")
+
+    def _login(self, credentials: object, username: bytes) -> None:
+        """Hand credentials to the portal; on success open the mailbox (TRANSACTION)."""
+        self._waiting = True
+        name = username.decode("utf-8", "replace")
+        d: defer.Deferred[Any] = defer.maybeDeferred(
+            self.factory.portal.login, credentials, None, IMailbox, twisted_pop3.IMailbox)
+        d.addCallback(self._open_session)
+        d.addCallbacks(self._login_succeeded, self._login_failed, callbackArgs=(name,), errbackArgs=(name,))
+        d.addErrback(self._internal_error)
+
+    def _open_session(self, result: tuple[Any, Any, Callable[[], None]]) -> "defer.Deferred[MailboxSession]":
+        interface, avatar, logout = result
+        mailbox: IMailbox
+        if interface is IMailbox:
+            mailbox = avatar
+        else:
+            mailbox = TwistedMailboxAdapter(avatar, logout)
+        d: defer.Deferred[Any] = defer.maybeDeferred(mailbox.listing)
+
+        def failed(f: Failure) -> Failure:
+            defer.maybeDeferred(mailbox.close)
+            return f
+
+        d.addCallbacks(lambda listing: MailboxSession(mailbox, list(listing)), failed)
+        return d
+
+    def _login_succeeded(self, session: MailboxSession, name: str) -> None:
+        self._waiting = False
+        if self._closed:
+            # The client went away while we opened the mailbox.
+            defer.maybeDeferred(session.mailbox.close)
+            return
+        self.session = session
+        self.user = name
+        self.state = State.TRANSACTION
+        self.factory.registry.register(name, self)
+        if self._login_call is not None and self._login_call.active():
+            self._login_call.cancel()
+        self._reset_idle_timer()
+        self._event("login", messages=len(session.listing), tls=self.tls)
+        self._write(wire.ok("Logged in, %d messages" % (len(session.listing),)))
+        self._run()
+
+    def _login_failed(self, failure: Failure, name: str) -> None:
+        if failure.check(UnauthorizedLogin):
+            self.auth.failures += 1
+            self._event("login_failed", attempted=name, failures=self.auth.failures)
+            delay = self.factory.config.policy.delay_after(self.auth.failures)
+            if delay > 0:
+                self.factory.clock.callLater(delay, self._answer_failed_login)
+            else:
+                self._answer_failed_login()
+            return
+        self._waiting = False
+        if failure.check(MailboxInUse):
+            self._write(wire.err("Mailbox is locked by another session", "IN-USE"))
+        elif failure.check(MailboxUnavailable):
+            self.log.warn("mailbox for {user} unavailable: {why}", user=name, why=failure.getErrorMessage())
+            self._write(wire.err("Mailbox is unavailable", "SYS/TEMP"))
+        else:
+            self.log.failure("login of {user} failed", failure, user=name)
+            self._write(wire.err("Internal server error", "SYS/TEMP"))
+        self._run()
+
+    def _answer_failed_login(self) -> None:
+        self._waiting = False
+        if self._closed:
+            return
+        self._write(wire.err("Authentication failed", "AUTH"))
+        if self.auth.failures >= self.factory.config.policy.max_failures:
+            self._write(wire.err("Too many failed logins, closing connection"))
+            self._close("too many failed logins")
+            return
+        self._run()
+
+    def _internal_error(self, failure: Failure) -> None:
+        self.log.failure("internal error", failure)
+        self._waiting = False
+        self._write(wire.err("Internal server error", "SYS/TEMP"))
+        self._close("internal error")
+
+    # -- TRANSACTION (RFC 1939 section 5 and 7)
+
+    def _session(self) -> MailboxSession:
+        assert self.session is not None
+        return self.session
+
+    def do_STAT(self, command: wire.Command) -> bytes:
+        """RFC 1939 section 5: STAT."""
+        return self._session().stat()
+
+    def do_LIST(self, command: wire.Command) -> bytes:
+        """RFC 1939 section 5: LIST [msg]."""
+        return self._session().list(int(command.args[0]) if command.args else None)
+
+    def do_UIDL(self, command: wire.Command) -> bytes:
+        """RFC 1939 section 7: UIDL [msg]."""
+        return self._session().uidl(int(command.args[0]) if command.args else None)
+
+    def do_DELE(self, command: wire.Command) -> bytes:
+        """RFC 1939 section 5: DELE msg."""
+        return self._session().dele(int(command.args[0]))
+
+    def do_RSET(self, command: wire.Command) -> bytes:
+        """RFC 1939 section 5: RSET."""
+        return self._session().rset()
+
+    def do_NOOP(self, command: wire.Command) -> bytes:
+        """RFC 1939 section 5: NOOP."""
+        return wire.ok()
+
+    def do_RETR(self, command: wire.Command) -> Optional[bytes]:
+        """RFC 1939 section 5: RETR msg, streamed."""
+        return self._send_message(int(command.args[0]), None)
+
+    def do_TOP(self, command: wire.Command) -> Optional[bytes]:
+        """RFC 1939 section 7: TOP msg n."""
+        return self._send_message(int(command.args[0]), int(command.args[1]))
+
+    def _send_message(self, number: int, lines: Optional[int]) -> Optional[bytes]:
+        session = self._session()
+        index = session.message(number)
+        if isinstance(index, bytes):
+            return index
+        self._waiting = True
+        d: defer.Deferred[Any] = defer.maybeDeferred(session.mailbox.open, index)
+
+        def opened(stream: IMessageStream) -> None:
+            self._waiting = False
+            if self._closed:
+                stream.close()
+                return
+            size = session.listing[index].size
+            if lines is None:
+                session.stats.retr += 1
+                self._write(wire.ok("%d octets" % (size,)))
+            else:
+                session.stats.top += 1
+                self._write(wire.ok("Top of message follows"))
+            self._body = _Body(stream, wire.BodyEncoder(), wire.TopFilter(lines) if lines is not None else None)
+            self._run()
+
+        def failed(failure: Failure) -> None:
+            self._waiting = False
+            if failure.check(MessageGone):
+                self.log.warn("message {n} of {user} is gone", n=number, user=self.user)
+                self._write(wire.err("Message is no longer available", "SYS/TEMP"))
+            else:
+                self.log.failure("opening message {n} of {user} failed", failure, n=number, user=self.user)
+                self._write(wire.err("Cannot read message", "SYS/TEMP"))
+            self._run()
+
+        d.addCallbacks(opened, failed)
+        return None
+
+    def _pump(self, body: _Body) -> None:
+        """Read one chunk from the store and send it; continues from _run."""
+        body.waiting = True
+        synchronous = True
+
+        def got(data: Union[bytes, Failure]) -> None:
+            body.waiting = False
+            self._body_chunk(body, data)
+            if not synchronous:
+                self._run()
+
+        d: defer.Deferred[Any] = defer.maybeDeferred(body.stream.read)
+        d.addBoth(got)
+        synchronous = False
+
+    def _body_chunk(self, body: _Body, data: Union[bytes, Failure]) -> None:
+        if self._body is not body or self._closed:
+            return
+        if isinstance(data, Failure):
+            self.log.failure("reading a message failed mid-transfer", data)
+            body.stream.close()
+            self._body = None
+            # The +OK is out; the only honest signal left is closing.
+            self._close("message read error")
+            return
+        session = self._session()
+        finished = not data
+        if data:
+            if body.top is not None:
+                data = body.top.feed(data)
+                finished = body.top.done
+            out = body.encoder.encode(data)
+            body.sent += len(out)
+            self._write(out)
+        if finished:
+            tail = body.encoder.finish()
+            body.sent += len(tail)
+            self._write(tail)
+            body.stream.close()
+            self._body = None
+            if body.top is None:
+                session.stats.retr_bytes += body.sent
+            else:
+                session.stats.top_bytes += body.sent
+            self._reset_idle_timer()
+
+    def _update(self) -> None:
+        """RFC 1939 section 6: UPDATE; the lock is released before the answer."""
+        session = self._session()
+        self.state = State.UPDATE
+        self._waiting = True
+
+        def failed(failure: Failure) -> bytes:
+            self.log.failure("UPDATE failed for {user}", failure, user=self.user)
+            self._event("update_failed")
+            return wire.err("Deleting messages failed", "SYS/TEMP")
+
+        d = session.update().addErrback(failed)
+
+        def answer(response: bytes) -> "defer.Deferred[None]":
+            return self._release_mailbox().addCallback(lambda _: self._after_update(response))
+
+        d.addCallback(answer)
+
+    def _after_update(self, response: bytes) -> None:
+        self._waiting = False
+        self._write(response)
+        self._close("quit")
+
+
+HANDLERS: dict[str, Handler] = {
+    "CAPA": POP3ServerProtocol.do_CAPA,
+    "QUIT": POP3ServerProtocol.do_QUIT,
+    "USER": POP3ServerProtocol.do_USER,
+    "PASS": POP3ServerProtocol.do_PASS,
+    "APOP": POP3ServerProtocol.do_APOP,
+    "AUTH": POP3ServerProtocol.do_AUTH,
+    "STLS": POP3ServerProtocol.do_STLS,
+    "UTF8": POP3ServerProtocol.do_UTF8,
+    "LANG": POP3ServerProtocol.do_LANG,
+    "STAT": POP3ServerProtocol.do_STAT,
+    "LIST": POP3ServerProtocol.do_LIST,
+    "UIDL": POP3ServerProtocol.do_UIDL,
+    "DELE": POP3ServerProtocol.do_DELE,
+    "RSET": POP3ServerProtocol.do_RSET,
+    "NOOP": POP3ServerProtocol.do_NOOP,
+    "RETR": POP3ServerProtocol.do_RETR,
+    "TOP": POP3ServerProtocol.do_TOP,
+}

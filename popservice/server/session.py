@@ -1,0 +1,116 @@
+"""
+TRANSACTION and UPDATE (RFC 1939 sections 5 and 6): the frozen message list,
+deletion marks, and the deletions done at QUIT.
+
+Nothing here can be reached before a successful login: a L{MailboxSession} is
+only made from an opened mailbox.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from twisted.internet import defer
+
+from popservice import wire
+from popservice.interfaces import IMailbox, MessageInfo
+
+
+@dataclass
+class SessionStats:
+    """Counters for the logout summary and metrics."""
+
+    retr: int = 0
+    retr_bytes: int = 0
+    top: int = 0
+    top_bytes: int = 0
+    deleted: int = 0
+    deleted_bytes: int = 0
+    failed_deletions: int = 0
+
+
+@dataclass
+class MailboxSession:
+    mailbox: IMailbox
+    listing: Sequence[MessageInfo]
+    deleted: set[int] = field(default_factory=set)
+    stats: SessionStats = field(default_factory=SessionStats)
+    updated: bool = False
+
+    def message(self, number: int) -> Union[int, bytes]:
+        """
+        The 0-based index of message C{number}, or an C{-ERR} line: numbers are
+        1..n as of login and a deleted message may not be named (RFC 1939 sec. 5).
+        """
+        if not 1 <= number <= len(self.listing):
+            return wire.err("No such message")
+        index = number - 1
+        if index in self.deleted:
+            return wire.err("Message already deleted")
+        return index
+
+    def _live(self) -> list[tuple[int, MessageInfo]]:
+        return [(i + 1, m) for i, m in enumerate(self.listing) if i not in self.deleted]
+
+    def stat(self) -> bytes:
+        """RFC 1939 section 5, STAT: count and size, deleted messages excluded."""
+        live = self._live()
+        return wire.ok("%d %d" % (len(live), sum(m.size for _, m in live)))
+
+    def list(self, number: "int | None") -> bytes:
+        """RFC 1939 section 5, LIST [msg]."""
+        if number is not None:
+            index = self.message(number)
+            if isinstance(index, bytes):
+                return index
+            return wire.ok("%d %d" % (number, self.listing[index].size))
+        live = self._live()
+        first = wire.ok("%d messages (%d octets)" % (len(live), sum(m.size for _, m in live)))
+        return wire.multiline(first, [b"%d %d" % (n, m.size) for n, m in live])
+
+    def uidl(self, number: "int | None") -> bytes:
+        """RFC 1939 section 7, UIDL [msg]."""
+        if number is not None:
+            index = self.message(number)
+            if isinstance(index, bytes):
+                return index
+            return wire.ok("%d %s" % (number, self.listing[index].uid))
+        return wire.multiline(wire.ok(), [b"%d %s" % (n, m.uid.encode("ascii")) for n, m in self._live()])
+
+    def dele(self, number: int) -> bytes:
+        """RFC 1939 section 5, DELE: only marks; removal happens in UPDATE."""
+        index = self.message(number)
+        if isinstance(index, bytes):
+            return index
+        self.deleted.add(index)
+        return wire.ok("Message %d deleted" % (number,))
+
+    def rset(self) -> bytes:
+        """RFC 1939 section 5, RSET: unmark all deletions."""
+        self.deleted.clear()
+        return self.stat()
+
+    def update(self) -> "defer.Deferred[bytes]":
+        """
+        RFC 1939 section 6, UPDATE: remove the marked messages.  If some could not
+        be removed, answer C{-ERR [SYS/TEMP]} (RFC 2449 section 8); what was
+        removed stays removed.
+        """
+        self.updated = True
+        indices = sorted(self.deleted)
+        if not indices:
+            return defer.succeed(wire.ok("Bye"))
+
+        def done(failed: "list[int]") -> bytes:
+            failed_set = set(failed)
+            gone = [i for i in indices if i not in failed_set]
+            self.stats.deleted = len(gone)
+            self.stats.deleted_bytes = sum(self.listing[i].size for i in gone)
+            self.stats.failed_deletions = len(failed_set)
+            if failed_set:
+                return wire.err("Some deleted messages were not removed", "SYS/TEMP")
+            return wire.ok("Bye, %d messages deleted" % (len(gone),))
+
+        d: defer.Deferred[list[int]] = defer.maybeDeferred(self.mailbox.delete, indices)
+        return d.addCallback(done)

@@ -1,0 +1,959 @@
+"""
+A Maildir mail store: L{MaildirStore} (L{IMailStore}) and L{MaildirMailbox}
+(L{IMailbox}).
+
+Layout and rules (see also /work/shared/pop3-notes.md, "Maildir"):
+
+ - A message is a file in C{new/} or C{cur/}; its I{base name} (key) is the
+   file name up to the first C{:} (the C{:2,FLAGS} info part excluded), which
+   other programs never change when they flag or move a message.
+ - At login, C{new/X} is renamed C{cur/X:2,} (as Dovecot does), then messages
+   are numbered oldest first by the integer time stamp that starts the base
+   name (ties and non-numeric names by base name).  The listing is frozen for
+   the session.
+ - UIDLs and sizes live in a small index file in the Maildir,
+   C{popservice-uidlist} (format below), replaced atomically (write a temporary
+   file, fsync, rename).  A UIDL is assigned once, at first sight, from a
+   monotonic counter, and never changes or comes back.  A warm login reads no
+   message file: sizes come from C{,W=} in the name or from the index.
+ - Without an index, UIDLs are taken over from C{dovecot-uidlist} or
+   C{courierpop3dsizelist} when present, so clients do not download everything
+   again after a migration.
+
+Index file format (UTF-8; file names as on disk, undecodable bytes kept)::
+
+    popservice-uidlist 1 V<uidvalidity> N<next uid>
+    <uidl> <size> <base name>
+    ...
+
+C{<uidl>} is 1-70 characters in 0x21-0x7E (no space), C{<size>} the
+transmitted size in decimal, and C{<base name>} the rest of the line (it may
+contain spaces).  Newly assigned UIDLs are C{"%08x%08x" % (uid, uidvalidity)},
+which is exactly what Dovecot's default C{pop3_uidl_format = %08Xu%08Xv}
+produces (Dovecot's C{X} modifier prints lower-case hex), so after a takeover
+from Dovecot, new messages get the ids Dovecot itself would have given.
+
+Filesystem work (directory scan, size computation, unlinking) runs in the
+reactor's thread pool; reading an open message file is done synchronously in
+64 KiB chunks (local reads are fast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from zope.interface import implementer  # type: ignore[import-untyped,unused-ignore]
+
+from popservice.interfaces import (
+    IMailbox,
+    IMailStore,
+    IMessageStream,
+    MailboxInUse,
+    MailboxUnavailable,
+    MessageGone,
+    MessageInfo,
+)
+from popservice.stores.lock import LOCK_FILE_NAME, FcntlMailboxLock
+from popservice.wire import transmitted_size
+
+__all__ = [
+    "CHUNK_SIZE",
+    "DEFAULT_DOVECOT_UIDL_FORMAT",
+    "INDEX_FILE_NAME",
+    "MaildirMailbox",
+    "MaildirMessageStream",
+    "MaildirStore",
+    "base_name",
+    "message_sort_key",
+    "valid_user_name",
+]
+
+log = Logger(namespace="popservice.stores.maildir")
+
+#: Chunk size of L{MaildirMessageStream.read} and of size computation.
+CHUNK_SIZE = 64 * 1024
+#: The popservice UIDL/size index inside each Maildir.
+INDEX_FILE_NAME = "popservice-uidlist"
+#: Short-lived lock serialising read-modify-write of the index.
+INDEX_LOCK_NAME = "popservice-uidlist.lock"
+_INDEX_HEADER = "popservice-uidlist 1"
+DOVECOT_UIDLIST = "dovecot-uidlist"
+COURIER_SIZELIST = "courierpop3dsizelist"
+#: Dovecot's default C{pop3_uidl_format}.
+DEFAULT_DOVECOT_UIDL_FORMAT = "%08Xu%08Xv"
+
+_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+_UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
+_W_RE = re.compile(r",W=([0-9]{1,18})(?=,|\Z)")
+_DIGITS_RE = re.compile(r"[0-9]+\Z")
+_INDEX_HEADER_RE = re.compile(r"popservice-uidlist 1 V([0-9]{1,10}) N([0-9]{1,12})\Z")
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+# --------------------------------------------------------------------------
+# Names
+
+
+def valid_user_name(user: str) -> bool:
+    """May C{user} be substituted into a path?  Strict: no C{/}, no C{..}, no NUL."""
+    return bool(_USER_RE.match(user)) and ".." not in user
+
+
+def base_name(filename: str) -> str:
+    """The key of a Maildir file: its name up to the first C{:}."""
+    return filename.split(":", 1)[0]
+
+
+def message_sort_key(base: str) -> "tuple[int, int, str]":
+    """
+    Oldest first: by the integer time stamp before the first C{.}, ties by the
+    base name; names without a numeric time stamp after all others, by name.
+    """
+    head = base.split(".", 1)[0]
+    if _DIGITS_RE.match(head):
+        return (0, int(head), base)
+    return (1, 0, base)
+
+
+def _w_size(base: str) -> int | None:
+    """The C{,W=<n>} size (CRLF line ends) recorded in a base name, if any."""
+    m = _W_RE.search(base)
+    return int(m.group(1)) if m else None
+
+
+def _acceptable_name(name: str) -> bool:
+    # dotfiles are not messages; a line end in a name cannot go into the index
+    return bool(name) and not name.startswith(".") and "\n" not in name and "\r" not in name
+
+
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | _NOFOLLOW | _CLOEXEC)
+
+
+def compute_size(path: str) -> int:
+    """The transmitted size of the message file at C{path}, read in chunks."""
+    with open(path, "rb", opener=_nofollow_opener) as f:
+
+        def chunks() -> Iterator[bytes]:
+            while True:
+                chunk = f.read(CHUNK_SIZE)
+                if not chunk:
+                    return
+                yield chunk
+
+        return transmitted_size(chunks())
+
+
+# --------------------------------------------------------------------------
+# Dovecot pop3_uidl_format
+
+_FORMAT_TOKEN = re.compile(
+    r"%(?:(?P<percent>%)|(?P<zero>0?)(?P<width>[0-9]{0,2})(?P<mods>[LUX]*)"
+    r"(?:(?P<short>[uvfg])|\{(?P<long>uid|uidvalidity|filename|guid)\}))"
+)
+_LONG_NAMES = {"uid": "u", "uidvalidity": "v", "filename": "f", "guid": "g"}
+
+
+class DovecotUIDLFormat:
+    """
+    A subset of Dovecot's C{pop3_uidl_format} variables: C{%u}/C{%{uid}},
+    C{%v}/C{%{uidvalidity}}, C{%f}/C{%{filename}} (base name), C{%g}/C{%{guid}}
+    (the C{G} extension, else the base name), with zero padding and width and
+    the modifiers C{X} (hex, lower case, as Dovecot prints it), C{L} and C{U}.
+    C{%m} (MD5 of the header) is not supported: it would need every message
+    read at takeover.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        pos = 0
+        self._parts: list[tuple[str, bool, int, str]] = []  # (literal or var, is_var, width, zero+mods)
+        for m in _FORMAT_TOKEN.finditer(fmt):
+            literal = fmt[pos:m.start()]
+            if "%" in literal:
+                raise ValueError(f"unsupported pop3_uidl_format variable in {fmt!r}")
+            if literal:
+                self._parts.append((literal, False, 0, ""))
+            if m.group("percent"):
+                self._parts.append(("%", False, 0, ""))
+            else:
+                var = m.group("short") or _LONG_NAMES[m.group("long")]
+                width = int(m.group("width") or "0")
+                self._parts.append((var, True, width, m.group("zero") + m.group("mods")))
+            pos = m.end()
+        tail = fmt[pos:]
+        if "%" in tail:
+            raise ValueError(f"unsupported pop3_uidl_format variable in {fmt!r}")
+        if tail:
+            self._parts.append((tail, False, 0, ""))
+        if not any(is_var for _, is_var, _, _ in self._parts):
+            raise ValueError(f"pop3_uidl_format {fmt!r} has no variable: every UIDL would be equal")
+
+    def format(self, uid: int, uidvalidity: int, filename: str, guid: str | None) -> str:
+        out = []
+        values = {"u": str(uid), "v": str(uidvalidity), "f": filename, "g": guid or filename}
+        for text, is_var, width, mods in self._parts:
+            if not is_var:
+                out.append(text)
+                continue
+            value = values[text]
+            for mod in mods.lstrip("0"):
+                if mod == "X":
+                    value = f"{int(value):x}" if _DIGITS_RE.match(value) else value.encode(
+                        "utf-8", "surrogateescape").hex()
+                elif mod == "L":
+                    value = value.lower()
+                elif mod == "U":
+                    value = value.upper()
+            if width:
+                value = value.rjust(width, "0" if mods.startswith("0") else " ")
+            out.append(value)
+        return "".join(out)
+
+
+# --------------------------------------------------------------------------
+# The index
+
+
+@dataclass
+class _Entry:
+    uidl: str
+    size: int
+
+
+class _Index:
+    """The UIDL/size index of one Maildir, in memory."""
+
+    def __init__(self, uidvalidity: int, next_uid: int) -> None:
+        self.uidvalidity = uidvalidity
+        self.next_uid = max(1, next_uid)
+        self.entries: dict[str, _Entry] = {}
+        self._used: set[str] | None = None
+
+    def new_uidl(self) -> str:
+        """The next UIDL: C{%08x%08x} of (counter, uidvalidity); never one in use."""
+        if self._used is None:
+            self._used = {e.uidl for e in self.entries.values()}
+        while True:
+            n = self.next_uid
+            self.next_uid += 1
+            uidl = f"{n:08x}{self.uidvalidity:08x}"
+            if uidl not in self._used:  # only possible next to foreign (taken-over) UIDLs
+                self._used.add(uidl)
+                return uidl
+
+    def serialise(self) -> bytes:
+        lines = [f"{_INDEX_HEADER} V{self.uidvalidity} N{self.next_uid}\n"]
+        for base in sorted(self.entries, key=message_sort_key):
+            e = self.entries[base]
+            lines.append(f"{e.uidl} {e.size} {base}\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _fresh_uidvalidity(previous: int | None = None) -> int:
+    v = int(time.time()) & 0xFFFFFFFF
+    if previous is not None and v <= previous:
+        v = (previous + 1) & 0xFFFFFFFF
+    return max(v, 1)
+
+
+def _read_text(path: str) -> str | None:
+    """The file's text, or C{None} when it does not exist."""
+    try:
+        with open(path, "rb", opener=_nofollow_opener) as f:
+            return f.read().decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return None
+
+
+def parse_index(text: str, where: str = INDEX_FILE_NAME) -> _Index | None:
+    """Parse a popservice index; C{None} when its header is unreadable."""
+    lines = text.split("\n")
+    m = _INDEX_HEADER_RE.match(lines[0])
+    if not m:
+        return None
+    index = _Index(int(m.group(1)), int(m.group(2)))
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        parts = line.split(" ", 2)
+        if (len(parts) != 3 or not _UIDL_RE.match(parts[0]) or not _DIGITS_RE.match(parts[1])
+                or not parts[2]):
+            log.warn("{where}: skipping malformed line {lineno}", where=where, lineno=lineno)
+            continue
+        index.entries[parts[2]] = _Entry(parts[0], int(parts[1]))
+    return index
+
+
+def parse_dovecot_uidlist(
+    text: str, uidl_format: DovecotUIDLFormat
+) -> tuple[_Index, dict[str, int]] | None:
+    """
+    Take over UIDLs from a Dovecot C{dovecot-uidlist} (versions 1 and 3).
+
+    Version 3: header C{3 V<uidvalidity> N<nextuid> [G<guid> ...]}, then
+    C{<uid> [<ext> ...] :<filename>}; extensions used here: C{P<uidl>} (a POP3
+    UIDL Dovecot itself took over: wins), C{W<vsize>} (the transmitted size,
+    what Dovecot lists), C{G<guid>}.  Version 1 (Courier-compatible): header
+    C{1 <uidvalidity> <nextuid>}, lines C{<uid> <filename>}.
+
+    Returns the index (uidvalidity and counter continued from Dovecot's, so
+    new UIDLs never collide with taken-over ones) and the Dovecot sizes.
+    """
+    lines = text.split("\n")
+    header = lines[0].split()
+    if not header or header[0] not in ("1", "3"):
+        return None
+    uidvalidity = next_uid = None
+    if header[0] == "1":
+        if len(header) >= 3 and _DIGITS_RE.match(header[1]) and _DIGITS_RE.match(header[2]):
+            uidvalidity, next_uid = int(header[1]), int(header[2])
+    else:
+        for field in header[1:]:
+            if field[:1] == "V" and _DIGITS_RE.match(field[1:]):
+                uidvalidity = int(field[1:])
+            elif field[:1] == "N" and _DIGITS_RE.match(field[1:]):
+                next_uid = int(field[1:])
+    if uidvalidity is None or next_uid is None:
+        return None
+    index = _Index(uidvalidity, next_uid)
+    sizes: dict[str, int] = {}
+    max_uid = 0
+    for line in lines[1:]:
+        if not line:
+            continue
+        if header[0] == "1":
+            uid_s, _, filename = line.partition(" ")
+            exts: list[str] = []
+        else:
+            fields, sep, filename = line.partition(" :")
+            if not sep:
+                fields, sep, filename = line.partition(":")
+            tokens = fields.split()
+            if not tokens:
+                continue
+            uid_s, exts = tokens[0], tokens[1:]
+        if not _DIGITS_RE.match(uid_s) or not filename:
+            continue
+        uid = int(uid_s)
+        base = base_name(filename)
+        max_uid = max(max_uid, uid)
+        ext = {t[0]: t[1:] for t in exts if t}
+        uidl = ext.get("P") or uidl_format.format(uid, uidvalidity, base, ext.get("G"))
+        if not _UIDL_RE.match(uidl):
+            log.warn("dovecot-uidlist: UIDL of {base} is not a valid POP3 UIDL; it gets a new one",
+                     base=base)
+            continue
+        if "W" in ext and _DIGITS_RE.match(ext["W"]):
+            sizes[base] = int(ext["W"])
+        index.entries[base] = _Entry(uidl, -1)
+    index.next_uid = max(index.next_uid, max_uid + 1)
+    return index, sizes
+
+
+def _courier_uidl(filename: str) -> str:
+    """Courier's "version 0" UIDL: the base name, with unsafe bytes as C{+XX}."""
+    out = []
+    for b in base_name(filename).encode("utf-8", "surrogateescape"):
+        if b < 0x21 or b > 0x7E or b in (0x27, 0x22, 0x2B):
+            out.append(f"+{b:02X}")
+        else:
+            out.append(chr(b))
+    return "".join(out)
+
+
+def parse_courier_sizelist(text: str) -> _Index | None:
+    """
+    Take over UIDLs from Courier's C{courierpop3dsizelist}.
+
+    Format, as Courier's pop3dserver.c reads and writes it (LISTVERSION 3;
+    version 2 has no C{:<utf8>} part): header C{/<version> <nextuid> <uidv>},
+    then C{<filename> <size> <uid>:<uidv>[:<utf8>]}; the file name may carry
+    its C{:2,FLAGS}.  Courier's UIDL is C{UID<uid>-<uidv>} (C{UID<uid>} when
+    uidv is 0; for uid 0 the escaped base name).  Files of the old, header-less
+    format are ignored, as Courier ignores them.
+
+    Courier's sizes are not taken over: Courier counts one CR per LF (wrong for
+    files already stored with CRLF) and adds 2 for a CRLF it appends to an
+    unterminated last line, so they can differ from L{transmitted_size}.
+    Our own UIDLs (C{%08x%08x}) cannot collide with C{UID...} ones.
+    """
+    lines = text.split("\n")
+    head = lines[0]
+    if not head.startswith("/"):
+        return None
+    hfields = head[1:].split()
+    if len(hfields) < 2 or hfields[0] not in ("2", "3") or not all(_DIGITS_RE.match(f) for f in hfields):
+        return None
+    index = _Index(_fresh_uidvalidity(), 1)
+    for line in lines[1:]:
+        parts = line.rsplit(" ", 2)
+        if len(parts) != 3 or not parts[0]:
+            continue
+        filename, _size, uidpart = parts
+        nums = uidpart.split(":")
+        if len(nums) < 2 or not _DIGITS_RE.match(nums[0]) or not _DIGITS_RE.match(nums[1]):
+            continue
+        n, uidv = int(nums[0]), int(nums[1])
+        if n == 0:
+            uidl = _courier_uidl(filename)
+        elif uidv:
+            uidl = f"UID{n}-{uidv}"
+        else:
+            uidl = f"UID{n}"
+        if not _UIDL_RE.match(uidl):
+            continue
+        index.entries[base_name(filename)] = _Entry(uidl, -1)
+    return index
+
+
+# --------------------------------------------------------------------------
+# The store
+
+
+class SessionLock(Protocol):
+    """What the store needs of an L{IMailboxLock} (acquire/release returning Deferreds)."""
+
+    def acquire(self) -> object: ...
+
+    def release(self) -> object: ...
+
+
+@dataclass
+class _Message:
+    base: str
+    #: path relative to the Maildir, e.g. "cur/123.abc:2,S"; updated when found elsewhere
+    relpath: str
+    size: int
+    uid: str
+    deleted: bool = False
+
+
+@implementer(IMailStore)
+class MaildirStore:
+    """
+    Maildirs located by a template: C{/srv/mail/%u}, C{~/Maildir} (C{~} is the
+    C{home} given to L{open_mailbox}), C{%%} for a literal C{%}.
+
+    @param lock_policy: C{"exclusive"} (an L{FcntlMailboxLock} on
+        C{popservice.lock} in the Maildir for the whole session) or C{"none"}.
+    @param dovecot_uidl_format: Dovecot's C{pop3_uidl_format} of the server
+        being replaced, used to take its UIDLs over from C{dovecot-uidlist}.
+    @param lock_factory: makes the session lock from the Maildir path when
+        C{lock_policy} is C{"exclusive"} (default: L{FcntlMailboxLock} on
+        C{<maildir>/popservice.lock}).
+    """
+
+    def __init__(
+        self,
+        template: str,
+        *,
+        lock_policy: str = "exclusive",
+        dovecot_uidl_format: str = DEFAULT_DOVECOT_UIDL_FORMAT,
+        lock_factory: Callable[[str], SessionLock] | None = None,
+    ) -> None:
+        if lock_policy not in ("exclusive", "none"):
+            raise ValueError(f"lock_policy must be 'exclusive' or 'none', not {lock_policy!r}")
+        self._check_template(template)
+        self.template = template
+        self.lock_policy = lock_policy
+        self.uidl_format = DovecotUIDLFormat(dovecot_uidl_format)
+        self._lock_factory = lock_factory
+
+    @classmethod
+    def from_description(cls, description: str, **kwargs: object) -> "MaildirStore":
+        """
+        A store from a C{maildir:<template>} description, e.g.
+        C{maildir:/srv/mail/%u} or C{maildir:~/Maildir}.  Keyword arguments
+        are passed to the constructor.
+        """
+        kind, sep, template = description.partition(":")
+        if not sep or kind != "maildir":
+            raise ValueError(
+                "mail store description must look like 'maildir:/srv/mail/%u' or "
+                f"'maildir:~/Maildir', not {description!r}")
+        if ":" in template:
+            raise ValueError(f"maildir options (':KEY=value') are not supported in {description!r}")
+        return cls(template, **kwargs)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _check_template(template: str) -> None:
+        if not template or "\x00" in template:
+            raise ValueError("empty or invalid Maildir template")
+        if not (template.startswith("/") or template == "~" or template.startswith("~/")):
+            raise ValueError(f"Maildir template must be absolute or start with '~/': {template!r}")
+        rest = re.sub(r"%[%u]", "", template)
+        if "%" in rest:
+            raise ValueError(f"Maildir template supports only %u and %%: {template!r}")
+
+    def maildir_path(self, user: str, home: str | None) -> str:
+        """The Maildir of C{user}; L{MailboxUnavailable} when it cannot be formed safely."""
+        template = self.template
+        if "%u" in template.replace("%%", "") and not valid_user_name(user):
+            log.warn("refusing to form a Maildir path from user name {user!r}", user=user[:80])
+            raise MailboxUnavailable("invalid user name for a mailbox path")
+        out = []
+        i = 0
+        while i < len(template):
+            c = template[i]
+            if c == "%" and template[i + 1:i + 2] == "u":
+                out.append(user)
+                i += 2
+            elif c == "%" and template[i + 1:i + 2] == "%":
+                out.append("%")
+                i += 2
+            else:
+                out.append(c)
+                i += 1
+        path = "".join(out)
+        if template.startswith("~"):
+            if not home or "\x00" in home or not os.path.isabs(home):
+                raise MailboxUnavailable("no home directory for a '~' Maildir template")
+            path = home.rstrip("/") + path[1:] if home != "/" else path[1:] or "/"
+        return path
+
+    def _make_lock(self, path: str) -> SessionLock | None:
+        if self.lock_policy == "none":
+            return None
+        if self._lock_factory is not None:
+            return self._lock_factory(path)
+        return FcntlMailboxLock(os.path.join(path, LOCK_FILE_NAME))
+
+    def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[MaildirMailbox]":
+        """
+        Deferred firing with the locked, scanned L{MaildirMailbox} of C{user};
+        failing with L{MailboxInUse} or L{MailboxUnavailable} only.
+        """
+        try:
+            path = self.maildir_path(user, home)
+        except MailboxUnavailable as e:
+            return defer.fail(e)
+        return defer.Deferred.fromCoroutine(self._open(path))
+
+    async def _open(self, path: str) -> MaildirMailbox:
+        lock = self._make_lock(path)
+        try:
+            await deferToThread(ensure_maildir, path)
+            if lock is not None:
+                await defer.maybeDeferred(lock.acquire)
+            messages = await deferToThread(scan_maildir, path, self.uidl_format)
+        except Exception as e:
+            error = _translate(e, f"opening Maildir {path}")
+            if lock is not None:
+                try:
+                    await defer.maybeDeferred(lock.release)
+                except Exception:
+                    log.failure("releasing the lock of {path} after a failed open", path=path)
+            raise error from e
+        return MaildirMailbox(path, messages, lock)
+
+
+def _translate(e: BaseException, what: str) -> Exception:
+    """
+    Expected failures pass; OSError and anything unexpected become
+    L{MailboxUnavailable}.  Call it inside the C{except} block (it may log the
+    current traceback).
+    """
+    if isinstance(e, (MailboxInUse, MailboxUnavailable, MessageGone)):
+        return e
+    if isinstance(e, OSError):
+        log.warn("{what}: {error}", what=what, error=e)
+    else:
+        log.failure("unexpected error {what}", what=what)
+    return MailboxUnavailable("mailbox temporarily unavailable")
+
+
+# --------------------------------------------------------------------------
+# Filesystem work (runs in a thread)
+
+
+def ensure_maildir(path: str) -> None:
+    """Create the Maildir and its cur/new/tmp (mode 0700) where missing."""
+    try:
+        for sub in ("", "cur", "new", "tmp"):
+            d = os.path.join(path, sub) if sub else path
+            if not os.path.isdir(d):
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                log.info("created Maildir directory {dir}", dir=d)
+    except OSError as e:
+        log.warn("cannot create Maildir {path}: {error}", path=path, error=e)
+        raise MailboxUnavailable("cannot create Maildir") from e
+
+
+@contextlib.contextmanager
+def _index_lock(path: str) -> Iterator[None]:
+    """Serialise read-modify-write of the index (a blocking flock; held briefly)."""
+    fd = os.open(os.path.join(path, INDEX_LOCK_NAME), os.O_RDWR | os.O_CREAT | _CLOEXEC | _NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _list_messages(path: str, sub: str) -> list[str]:
+    """Regular, non-dot files of C{path/sub}; a missing directory is empty."""
+    names = []
+    try:
+        with os.scandir(os.path.join(path, sub)) as it:
+            for entry in it:
+                if not _acceptable_name(entry.name):
+                    if entry.name and not entry.name.startswith("."):
+                        log.warn("skipping Maildir file with a line end in its name in {path}", path=path)
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                except OSError:
+                    continue
+                names.append(entry.name)
+    except FileNotFoundError:
+        return []
+    return names
+
+
+def _find_all(path: str) -> dict[str, str]:
+    """Base name -> path relative to C{path}, over cur/ then new/."""
+    found: dict[str, str] = {}
+    for sub in ("cur", "new"):
+        for name in _list_messages(path, sub):
+            found.setdefault(base_name(name), os.path.join(sub, name))
+    return found
+
+
+def _find_one(path: str, base: str) -> str | None:
+    for sub in ("cur", "new"):
+        for name in _list_messages(path, sub):
+            if base_name(name) == base:
+                return os.path.join(sub, name)
+    return None
+
+
+_tmp_counter = 0
+_tmp_lock = threading.Lock()
+
+
+def _write_index(path: str, index: _Index) -> None:
+    """Replace the index atomically: temporary file, fsync, rename, fsync the directory."""
+    global _tmp_counter
+    with _tmp_lock:
+        _tmp_counter += 1
+        n = _tmp_counter
+    target = os.path.join(path, INDEX_FILE_NAME)
+    tmp = f"{target}.tmp.{os.getpid()}.{n}"
+    data = index.serialise()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC | _NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(path, os.O_RDONLY | _CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _load_index(path: str, uidl_format: DovecotUIDLFormat) -> tuple[_Index, dict[str, int], bool]:
+    """
+    The index of C{path}: (index, sizes known from an import, dirty).
+    Falls back to taking over Dovecot's or Courier's UIDLs, then to a fresh index.
+    """
+    index_path = os.path.join(path, INDEX_FILE_NAME)
+    text = _read_text(index_path)
+    previous_v: int | None = None
+    if text is not None:
+        index = parse_index(text, index_path)
+        if index is not None:
+            return index, {}, False
+        m = re.match(r"popservice-uidlist 1 V([0-9]{1,10})", text)
+        previous_v = int(m.group(1)) if m else None
+        log.error("{path} is unreadable: rebuilding it; the UIDLs of every message in this mailbox change",
+                  path=index_path)
+    dovecot = _read_text(os.path.join(path, DOVECOT_UIDLIST))
+    if dovecot is not None:
+        parsed = parse_dovecot_uidlist(dovecot, uidl_format)
+        if parsed is not None:
+            log.info("took over {count} UIDLs from {file} in {path} (uidvalidity {v})",
+                     count=len(parsed[0].entries), file=DOVECOT_UIDLIST, path=path, v=parsed[0].uidvalidity)
+            return parsed[0], parsed[1], True
+        log.warn("{file} in {path} has an unknown format: not taken over", file=DOVECOT_UIDLIST, path=path)
+    courier = _read_text(os.path.join(path, COURIER_SIZELIST))
+    if courier is not None:
+        cindex = parse_courier_sizelist(courier)
+        if cindex is not None:
+            log.info("took over {count} UIDLs from {file} in {path}",
+                     count=len(cindex.entries), file=COURIER_SIZELIST, path=path)
+            return cindex, {}, True
+        log.warn("{file} in {path} has an unknown format: not taken over", file=COURIER_SIZELIST, path=path)
+    return _Index(_fresh_uidvalidity(previous_v), 1), {}, True
+
+
+def _move_new_to_cur(path: str) -> None:
+    for name in _list_messages(path, "new"):
+        target = name if ":" in name else name + ":2,"
+        src = os.path.join(path, "new", name)
+        dst = os.path.join(path, "cur", target)
+        if os.path.lexists(dst):
+            log.warn("not moving {name} to cur/: a file of that name is there already", name=name)
+            continue
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            continue  # moved by another process: the cur/ listing finds it
+        except OSError as e:
+            log.warn("cannot move {name} from new/ to cur/: {error}", name=name, error=e)
+
+
+def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> list[_Message]:
+    """
+    The session listing of the Maildir at C{path}, oldest first, after moving
+    new/ to cur/ and bringing the index up to date.  Runs in a thread.
+    """
+    _move_new_to_cur(path)
+    with _index_lock(path):
+        index, import_sizes, dirty = _load_index(path, uidl_format)
+        found = _find_all(path)
+        missing = [b for b in index.entries if b not in found]
+        if missing:
+            # a rename by another program between two listings could hide a file
+            # for a moment: look once more before forgetting its UIDL
+            found.update({b: p for b, p in _find_all(path).items() if b not in found})
+            for b in missing:
+                if b not in found:
+                    del index.entries[b]
+                    dirty = True
+        fresh: set[str] = set()
+        messages: list[_Message] = []
+        for base in sorted(found, key=message_sort_key):
+            relpath = found[base]
+            entry = index.entries.get(base)
+            w = _w_size(base)
+            if entry is not None and entry.size < 0:  # taken over, size not yet known
+                size = w if w is not None else import_sizes.get(base)
+                if size is None:
+                    try:
+                        size = compute_size(os.path.join(path, relpath))
+                    except OSError as e:
+                        log.warn("skipping unreadable message {file}: {error}", file=relpath, error=e)
+                        continue
+                entry.size = size
+                dirty = True
+            elif entry is None:
+                if w is not None:
+                    size = w
+                else:
+                    try:
+                        size = compute_size(os.path.join(path, relpath))
+                    except OSError as e:
+                        log.warn("skipping unreadable message {file}: {error}", file=relpath, error=e)
+                        continue
+                entry = index.entries[base] = _Entry(index.new_uidl(), size)
+                fresh.add(base)
+                dirty = True
+            size = compute_size(os.path.join(path, relpath))
+            messages.append(_Message(base, relpath, size, entry.uidl))
+        # taken-over entries whose file could not be read have no size: drop them
+        for base in [b for b, e in index.entries.items() if e.size < 0]:
+            del index.entries[base]
+        if dirty:
+            try:
+                _write_index(path, index)
+            except OSError as e:
+                # Like Courier: never show a UIDL that is not on disk, or it would
+                # change at the next login.  New messages wait for a writable index.
+                log.error("cannot write {file} in {path} ({error}): hiding {count} new messages",
+                          file=INDEX_FILE_NAME, path=path, error=e, count=len(fresh))
+                messages = [m for m in messages if m.base not in fresh]
+    return messages
+
+
+def _remove_from_index(path: str, bases: Sequence[str]) -> None:
+    with _index_lock(path):
+        text = _read_text(os.path.join(path, INDEX_FILE_NAME))
+        index = parse_index(text) if text is not None else None
+        if index is None:
+            return
+        changed = False
+        for b in bases:
+            if index.entries.pop(b, None) is not None:
+                changed = True
+        if changed:
+            _write_index(path, index)
+
+
+# --------------------------------------------------------------------------
+# Mailbox and message stream
+
+
+@implementer(IMessageStream)
+class MaildirMessageStream:
+    """A message file read in chunks of L{CHUNK_SIZE}; closed at the end."""
+
+    def __init__(self, f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
+        self._file: BinaryIO | None = f
+        self.chunk_size = chunk_size
+
+    def read(self) -> "defer.Deferred[bytes]":
+        f = self._file
+        if f is None:
+            return defer.succeed(b"")
+        try:
+            chunk = f.read(self.chunk_size)
+        except OSError as e:
+            self.close()
+            log.warn("error reading a message file: {error}", error=e)
+            return defer.fail(MailboxUnavailable("error reading message"))
+        if not chunk:
+            self.close()
+        return defer.succeed(chunk)
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+
+
+@implementer(IMailbox)
+class MaildirMailbox:
+    """
+    One session's view of a Maildir: the listing frozen at open.  Indices are
+    0-based positions in it.
+    """
+
+    def __init__(self, path: str, messages: list[_Message], lock: SessionLock | None) -> None:
+        self.path = path
+        self._messages = messages
+        self._lock = lock
+        self._closed = False
+        self._infos = [MessageInfo(size=m.size, uid=m.uid) for m in messages]
+
+    def listing(self) -> "defer.Deferred[list[MessageInfo]]":
+        return defer.succeed(list(self._infos))
+
+    def _message(self, index: int) -> _Message:
+        if self._closed:
+            raise MailboxUnavailable("mailbox closed")
+        if not 0 <= index < len(self._messages):
+            raise IndexError(f"no message {index}")
+        return self._messages[index]
+
+    def _open_file(self, msg: _Message) -> BinaryIO:
+        for attempt in (0, 1):
+            try:
+                return open(os.path.join(self.path, msg.relpath), "rb", opener=_nofollow_opener)
+            except FileNotFoundError:
+                if attempt:
+                    break
+                relpath = _find_one(self.path, msg.base)
+                if relpath is None:
+                    break
+                msg.relpath = relpath
+        raise MessageGone(f"message {msg.base} is gone")
+
+    def open(self, index: int) -> "defer.Deferred[MaildirMessageStream]":
+        try:
+            msg = self._message(index)
+            if msg.deleted:
+                raise MessageGone("message deleted")
+            f = self._open_file(msg)
+        except (MessageGone, MailboxUnavailable, IndexError) as e:
+            return defer.fail(e)
+        except OSError as e:
+            return defer.fail(_translate(e, "opening a message"))
+        return defer.succeed(MaildirMessageStream(f))
+
+    def _delete_sync(self, indices: list[int]) -> list[int]:
+        failed: list[int] = []
+        removed: list[str] = []
+        where: dict[str, str] | None = None
+        for i in indices:
+            if not 0 <= i < len(self._messages):
+                failed.append(i)
+                continue
+            msg = self._messages[i]
+            if msg.deleted:
+                continue
+            try:
+                try:
+                    os.unlink(os.path.join(self.path, msg.relpath))
+                except FileNotFoundError:
+                    if where is None:
+                        where = _find_all(self.path)
+                    relpath = where.get(msg.base)
+                    if relpath is not None:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self.path, relpath))
+            except OSError as e:
+                log.warn("cannot delete {file} in {path}: {error}", file=msg.relpath, path=self.path, error=e)
+                failed.append(i)
+                continue
+            msg.deleted = True
+            removed.append(msg.base)
+        if removed:
+            try:
+                _remove_from_index(self.path, removed)
+            except OSError as e:  # the next scan forgets them anyway
+                log.warn("cannot update {file} after deleting: {error}", file=INDEX_FILE_NAME, error=e)
+        return failed
+
+    def delete(self, indices: "list[int]") -> "defer.Deferred[list[int]]":
+        if self._closed:
+            return defer.fail(MailboxUnavailable("mailbox closed"))
+        return defer.Deferred.fromCoroutine(self._delete(list(indices)))
+
+    async def _delete(self, indices: list[int]) -> list[int]:
+        try:
+            return await deferToThread(self._delete_sync, indices)
+        except Exception as e:
+            raise _translate(e, f"deleting messages in {self.path}") from e
+
+    def close(self) -> "defer.Deferred[None]":
+        if self._closed:
+            return defer.succeed(None)
+        self._closed = True
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self._release(lock))
+
+    async def _release(self, lock: SessionLock) -> None:
+        try:
+            await defer.maybeDeferred(lock.release)
+        except Exception:
+            log.failure("releasing the lock of {path}", path=self.path)
+
+    def __repr__(self) -> str:
+        return f"<MaildirMailbox {self.path!r}, {len(self._messages)} messages>"
