@@ -30,6 +30,11 @@ DOVECOT = "/usr/sbin/dovecot"
 MAIL_USER = "nobody"
 MAIL_GROUP = "nogroup"
 MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-256")
+#: Users known from the start: Dovecot re-reads a changed passwd-file, but
+#: registering everyone before it starts avoids a reload racing a login.
+USERS = {"alice": "alice pw", "deleter": "pw", "bulk": "bulkpw", "keeper": "keeperpw",
+         "deleting": "deletingpw", "crash": "crashpw", "mboxer": "mboxpw", "mda": "mdapw",
+         "migrant": "migrantpw", "limits": "limitspw"}
 
 
 def skip_reason() -> str | None:
@@ -143,7 +148,7 @@ class Dovecot:
         self.tls_port = free_port()
         while self.tls_port == self.port:
             self.tls_port = free_port()
-        self.users: dict[str, str] = {}
+        self.users: dict[str, str] = dict(USERS)
         self.conf = os.path.join(root, "dovecot.conf")
         self.uid = pwd.getpwnam(MAIL_USER).pw_uid
         self.gid = grp.getgrnam(MAIL_GROUP).gr_gid
