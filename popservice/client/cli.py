@@ -101,6 +101,8 @@ def _add_fetch(sub: Any) -> None:
     p.add_argument("--state-dir", metavar="DIR", help="journal directory for this account "
                    "(default: $XDG_STATE_HOME/popservice/fetch/USER@HOST:PORT)")
     p.add_argument("--window", type=int, default=32, help="pipelined RETRs in flight")
+    p.add_argument("--batch", type=int, default=256, metavar="N",
+                   help="messages made durable together (one sync and journal write per batch)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.add_argument("--progress", action="store_true", help="show progress even when not on a TTY")
     p.set_defaults(handler=run_fetch)
@@ -238,7 +240,8 @@ def run_fetch(args: argparse.Namespace) -> int:
     target = make_target(args.to, username=creds.username, state_dir=state_dir, crlf=args.crlf,
                          warn=warnings.append, tag=tag)
     progress = Progress(enabled=(args.progress or sys.stderr.isatty()) and not args.quiet)
-    options = FetchOptions(keep=args.keep, limit=args.limit, max_size=args.max_size, window=args.window)
+    options = FetchOptions(keep=args.keep, limit=args.limit, max_size=args.max_size, window=args.window,
+                           batch_messages=max(1, args.batch))
 
     @defer.inlineCallbacks
     def main(reactor: Any) -> Any:

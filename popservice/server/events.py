@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from popservice.interfaces import ISessionObserver
 
-#: events that are worth an info line; the rest are debug
+#: events worth a log line; per-command events go to metrics observers only
 _INFO = {"connect", "login", "login_failed", "logout", "takeover", "update_failed", "error"}
 
 
@@ -23,11 +23,10 @@ class LogObserver:
     log = Logger(namespace="popservice.session")
 
     def event(self, name: str, session: object, **fields: object) -> None:
+        if name not in _INFO:
+            return
         fmt = "pop3 {event}: " + " ".join("%s={%s}" % (k, k) for k in sorted(fields))
-        if name in _INFO:
-            self.log.info(fmt, event=name, **fields)
-        else:
-            self.log.debug(fmt, event=name, **fields)
+        self.log.info(fmt, event=name, **fields)
 
 
 @implementer(ISessionObserver)

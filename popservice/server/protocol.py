@@ -223,8 +223,10 @@ class POP3ServerProtocol(Protocol):
     # Flow control (IPushProducer towards the transport)
 
     def pauseProducing(self) -> None:
+        # Stop answering; reading stops once a little input has piled up
+        # (_update_reading).  Not at once: TLS pauses its producer while the
+        # handshake is still running, and the handshake needs reading.
         self._paused = True
-        self._update_reading()
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -238,7 +240,7 @@ class POP3ServerProtocol(Protocol):
         if self._closed:
             return
         high = max(self.input_high_water, self.reader.max_length + 2)
-        want = not self._paused and not self._closing and self.reader.buffered < high
+        want = not self._closing and self.reader.buffered < high
         if want != self._reading:
             self._reading = want
             transport: Any = self.transport
