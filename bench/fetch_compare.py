@@ -41,7 +41,8 @@ def maildir(path: str) -> str:
 
 
 def count(path: str) -> int:
-    return sum(len(os.listdir(os.path.join(path, s))) for s in ("cur", "new") if os.path.isdir(os.path.join(path, s)))
+    subs = [os.path.join(path, s) for s in ("cur", "new")]
+    return sum(len(os.listdir(d)) for d in subs if os.path.isdir(d))
 
 
 def run_popservice(work: str, server: fx.Dovecot, tls: bool) -> tuple[list[str], dict[str, str], str]:
@@ -76,7 +77,9 @@ def run_fetchmail(work: str, server: fx.Dovecot, tls: bool) -> tuple[list[str], 
     port = server.tls_port if tls else server.port
     ssl = f"ssl sslcertfile {server.cert} sslcertck" if tls else "sslproto ''"
     with open(rc, "w") as f:
-        f.write(f"set no bouncemail\npoll 127.0.0.1 service {port} protocol pop3 uidl auth password\n"
+        # fetchmail checks only DNS names (no IP SANs): connect by name for TLS
+        host = "localhost" if tls else "127.0.0.1"
+        f.write(f"set no bouncemail\npoll {host} service {port} protocol pop3 uidl auth password\n"
                 f"  user '{USER}' password '{PASSWORD}' keep fetchall {ssl}\n"
                 f"  mda 'cat > {md}/new/$$.%s'\n" % "$(date +%s%N)")
     os.chmod(rc, 0o600)
@@ -127,7 +130,7 @@ def main() -> int:
     cmd, env, _ = run_mpop(warm, server, False)
     subprocess.run(cmd, env=env, check=False, cwd=warm)
     shutil.rmtree(warm, ignore_errors=True)
-    for rep in range(args.repeats):
+    for _rep in range(args.repeats):
         for mode in ("plain", "tls"):
             for tool in tools:  # interleaved so load changes hit every tool alike
                 if shutil.which({"popservice": "true", "getmail6": "getmail"}.get(tool, tool)) is None:

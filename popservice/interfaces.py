@@ -8,8 +8,12 @@ store backed by PostgreSQL (or anything slow) never blocks the reactor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class MessageGone(Exception):
 class IMessageStream(Interface):
     """The raw content of one message, read chunk by chunk."""
 
-    def read() -> object:
+    def read() -> "Deferred[bytes]":
         """
         Return a Deferred firing with the next chunk of bytes, C{b""} at the end.
         Chunks may have any size and any line ends.
@@ -55,22 +59,22 @@ class IMailbox(Interface):
     fixed for the session.  Indices are 0-based positions in that listing.
     """
 
-    def listing() -> object:
+    def listing() -> "Deferred[list[MessageInfo]]":
         """Deferred firing with a sequence of L{MessageInfo}, oldest first."""
 
-    def open(index: int) -> object:
+    def open(index: int) -> "Deferred[IMessageStream]":
         """
         Deferred firing with an L{IMessageStream} for message C{index}, or
         failing with L{MessageGone}.
         """
 
-    def delete(indices: "list[int]") -> object:
+    def delete(indices: "list[int]") -> "Deferred[list[int]]":
         """
         UPDATE state: remove these messages.  Deferred firing with the list of
         indices that could not be removed (empty when all went).
         """
 
-    def close() -> object:
+    def close() -> "Deferred[None]":
         """End of session, whatever its outcome: release locks. Returns a Deferred."""
 
 
@@ -81,17 +85,17 @@ class IMailboxLock(Interface):
     it dies with its holder.
     """
 
-    def acquire() -> object:
+    def acquire() -> "Deferred[None]":
         """Deferred firing when the lock is held, failing with L{MailboxInUse}."""
 
-    def release() -> object:
+    def release() -> "Deferred[None]":
         """Release the lock (idempotent); returns a Deferred."""
 
 
 class IMailStore(Interface):
     """Where mailboxes live: maps an authenticated user to a mailbox."""
 
-    def open_mailbox(user: str, home: "str | None") -> object:
+    def open_mailbox(user: str, home: "str | None") -> "Deferred[IMailbox]":
         """
         Deferred firing with an L{IMailbox} for C{user} (already locked if the
         store locks), failing with L{MailboxInUse} or L{MailboxUnavailable}.

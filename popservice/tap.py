@@ -12,7 +12,7 @@ everything Twisted can listen on or check credentials with works here.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 from OpenSSL import crypto
 from twisted.application import service, strports
@@ -108,7 +108,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
 
 def make_factory(options: Any) -> POP3ServerFactory:
-    tls_context: Optional[ssl.CertificateOptions] = None
+    tls_context: ssl.CertificateOptions | None = None
     if options["tls-certificate"]:
         try:
             tls_context = load_tls_options(options["tls-certificate"], options["tls-key"])

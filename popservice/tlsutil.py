@@ -21,7 +21,7 @@ def make_self_signed(directory: str, hostname: str = "localhost", days: int = 82
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "popservice self-signed")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     san = x509.SubjectAlternativeName([
         x509.DNSName(hostname),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),

@@ -12,10 +12,11 @@ RFC 1939 section 3 (commands, responses, byte-stuffing), RFC 2449 section 4
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Union
 
-from popservice.states import ArgKind, COMMANDS, CommandSpec
+from popservice.states import COMMANDS, ArgKind, CommandSpec
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -116,7 +117,7 @@ class Command:
 
     keyword: str
     args: tuple[Union[str, int], ...] = ()
-    spec: Optional[CommandSpec] = field(default=None, compare=False, repr=False)
+    spec: CommandSpec | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class CommandError:
     here, never a copy of the client's bytes (responses must not echo input).
     """
 
-    keyword: Optional[str]
+    keyword: str | None
     reason: str
 
 
@@ -175,7 +176,7 @@ def parse_command(line: bytes) -> Union[Command, CommandError]:
     if len(raw_args) > len(kinds):
         return CommandError(keyword, "too many arguments")
     args: list[Union[str, int]] = []
-    for raw, kind in zip(raw_args, kinds):
+    for raw, kind in zip(raw_args, kinds[:len(raw_args)], strict=True):
         if kind in (ArgKind.MESSAGE, ArgKind.COUNT):
             value = _parse_number(raw, kind)
             if isinstance(value, str):
@@ -207,7 +208,7 @@ def format_command(keyword: str, *args: Union[str, int]) -> bytes:
 _CODE = re.compile(r"[A-Z0-9-]+(/[A-Z0-9-]+)*\Z")
 
 
-def _status_line(status: bytes, text: str, code: Optional[str]) -> bytes:
+def _status_line(status: bytes, text: str, code: str | None) -> bytes:
     if code is not None:
         if not _CODE.match(code):
             raise ValueError("invalid response code")
@@ -219,12 +220,12 @@ def _status_line(status: bytes, text: str, code: Optional[str]) -> bytes:
     return line + CRLF
 
 
-def ok(text: str = "", code: Optional[str] = None) -> bytes:
+def ok(text: str = "", code: str | None = None) -> bytes:
     """A C{+OK} status line (RFC 1939 section 3)."""
     return _status_line(b"+OK", text, code)
 
 
-def err(text: str, code: Optional[str] = None) -> bytes:
+def err(text: str, code: str | None = None) -> bytes:
     """An C{-ERR} status line, with an RFC 2449 response code when given."""
     return _status_line(b"-ERR", text, code)
 
@@ -246,14 +247,14 @@ class Response:
     """A status line as the client sees it."""
 
     ok: bool
-    code: Optional[str]
+    code: str | None
     text: str
 
 
 _RESPONSE_CODE = re.compile(r"\[([^\]]*)\]\s?")
 
 
-def parse_response(line: bytes) -> Optional[Response]:
+def parse_response(line: bytes) -> Response | None:
     """Parse a status line (without line end); C{None} when it is not one."""
     if line.startswith(b"+OK"):
         ok_, rest = True, line[3:]
@@ -412,7 +413,7 @@ class BodyDecoder:
         if self._pending:
             data = self._pending + data
             self._pending = b""
-        out = []
+        out: list[bytes] = []
         pos = 0
         n = len(data)
         while pos < n:

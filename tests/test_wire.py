@@ -99,7 +99,8 @@ class Top(unittest.TestCase):
     message = b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\nl3\r\n"
 
     @settings(max_examples=500, deadline=None)
-    @given(st.integers(min_value=0, max_value=5), st.lists(st.integers(min_value=0, max_value=40), max_size=6),
+    @given(st.integers(min_value=0, max_value=5),
+           st.lists(st.integers(min_value=0, max_value=40), max_size=6),
            st.booleans())
     def test_top_any_chunking(self, n: int, cuts: list[int], lf: bool) -> None:
         message = self.message.replace(b"\r\n", b"\n") if lf else self.message
@@ -180,7 +181,8 @@ class Lines(unittest.TestCase):
 class Responses(unittest.TestCase):
     def test_codes(self) -> None:
         self.assertEqual(wire.err("Locked", "IN-USE"), b"-ERR [IN-USE] Locked\r\n")
-        self.assertEqual(wire.parse_response(b"-ERR [SYS/TEMP] later"), wire.Response(False, "SYS/TEMP", "later"))
+        self.assertEqual(wire.parse_response(b"-ERR [SYS/TEMP] later"),
+                         wire.Response(False, "SYS/TEMP", "later"))
         self.assertEqual(wire.parse_response(b"+OK"), wire.Response(True, None, ""))
         self.assertIsNone(wire.parse_response(b"+OKAY"))
         self.assertEqual(len(wire.ok("x" * 1000)), 512)

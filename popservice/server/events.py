@@ -5,7 +5,7 @@ structured C{twisted.logger} events; metrics exporters add observers beside it.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from twisted.logger import Logger
 from zope.interface import implementer

@@ -8,8 +8,9 @@ Twisted application.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
@@ -43,16 +44,16 @@ class ServerConfig:
 class POP3ServerFactory(ServerFactory):
     """Builds L{POP3ServerProtocol}s sharing one portal, config and registry."""
 
-    protocol = POP3ServerProtocol
+    protocol = POP3ServerProtocol  # type: ignore[assignment]
 
-    def __init__(self, portal: Portal, config: Optional[ServerConfig] = None,
-                 observer: Optional[ISessionObserver] = None,
-                 registry: Optional[SessionRegistry] = None,
-                 clock: Optional[IReactorTime] = None) -> None:
+    def __init__(self, portal: Portal, config: ServerConfig | None = None,
+                 observer: ISessionObserver | None = None,
+                 registry: SessionRegistry | None = None,
+                 clock: IReactorTime | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         self.portal = portal
         self.config = config if config is not None else ServerConfig()
         self.observer: ISessionObserver = observer if observer is not None else LogObserver()
@@ -62,7 +63,7 @@ class POP3ServerFactory(ServerFactory):
             else realm_registry if isinstance(realm_registry, SessionRegistry)
             else SessionRegistry()
         )
-        self.clock: IReactorTime = clock  # type: ignore[assignment]
+        self.clock: IReactorTime = clock
         self.connections: set[POP3ServerProtocol] = set()
 
     def connection_opened(self, protocol: POP3ServerProtocol) -> None:
@@ -73,9 +74,9 @@ class POP3ServerFactory(ServerFactory):
 
 
 def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
-               config: Optional[ServerConfig] = None, *, lock_grace: float = 60.0,
-               exclusive: bool = True, observer: Optional[ISessionObserver] = None,
-               clock: Optional[IReactorTime] = None) -> POP3ServerFactory:
+               config: ServerConfig | None = None, *, lock_grace: float = 60.0,
+               exclusive: bool = True, observer: ISessionObserver | None = None,
+               clock: IReactorTime | None = None) -> POP3ServerFactory:
     """
     A server factory for C{store}, authenticating with C{checkers}.  A checker
     that also provides L{IUserDirectory} supplies home directories for C{~}.

@@ -12,7 +12,6 @@ import os
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Optional
 
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -76,9 +75,9 @@ class Capabilities:
 class Authorization:
     """The AUTHORIZATION-state bookkeeping of one connection."""
 
-    def __init__(self, timestamp: Optional[str]) -> None:
+    def __init__(self, timestamp: str | None) -> None:
         self.timestamp = timestamp
-        self.user: Optional[bytes] = None
+        self.user: bytes | None = None
         self.failures = 0
 
     def greeting(self, hostname: str) -> bytes:

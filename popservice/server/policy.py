@@ -6,8 +6,9 @@ passwords are acceptable, how long to delay after a failed login, when to give u
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 

@@ -15,9 +15,11 @@ store with flow control, and owns timeouts and backpressure:
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Union
 
+from twisted.cred.credentials import ICredentials
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol
@@ -42,6 +44,8 @@ from popservice.stores.twistedmail import TwistedMailboxAdapter
 if TYPE_CHECKING:
     from popservice.server.factory import POP3ServerFactory
 
+_LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS"})
+
 #: RFC 1939 section 3: the autologout timer is at least 10 minutes once logged in.
 MIN_TRANSACTION_TIMEOUT = 600.0
 
@@ -52,12 +56,12 @@ class _Body:
 
     stream: IMessageStream
     encoder: wire.BodyEncoder
-    top: Optional[wire.TopFilter]
+    top: wire.TopFilter | None
     waiting: bool = False
     sent: int = 0
 
 
-Handler = Callable[["POP3ServerProtocol", wire.Command], Optional[bytes]]
+Handler = Callable[["POP3ServerProtocol", wire.Command], bytes | None]
 
 
 @implementer(IPushProducer)
@@ -71,16 +75,16 @@ class POP3ServerProtocol(Protocol):
     input_high_water = 4096
 
     state = State.AUTHORIZATION
-    session: Optional[MailboxSession] = None
-    user: Optional[str] = None
+    session: MailboxSession | None = None
+    user: str | None = None
     end_reason = "disconnected"
 
     def __init__(self) -> None:
         self.reader = wire.LineReader(wire.MAX_COMMAND_LINE)
         self.auth = Authorization(None)
-        self.peer_host: Optional[str] = None
+        self.peer_host: str | None = None
         self.tls = False
-        self._body: Optional[_Body] = None
+        self._body: _Body | None = None
         self._waiting = False
         self._paused = False
         self._reading = True
@@ -88,9 +92,9 @@ class POP3ServerProtocol(Protocol):
         self._closed = False
         self._closing = False
         self._bad_commands = 0
-        self._turn_call: Optional[IDelayedCall] = None
-        self._idle_call: Optional[IDelayedCall] = None
-        self._login_call: Optional[IDelayedCall] = None
+        self._turn_call: IDelayedCall | None = None
+        self._idle_call: IDelayedCall | None = None
+        self._login_call: IDelayedCall | None = None
         self._last_activity = 0.0
 
     # ------------------------------------------------------------------
@@ -139,7 +143,7 @@ class POP3ServerProtocol(Protocol):
                     return
             transport = getattr(transport, "transport", None)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
         for call in (self._turn_call, self._idle_call, self._login_call):
             if call is not None and call.active():
@@ -301,7 +305,7 @@ class POP3ServerProtocol(Protocol):
             self._bad_command(wire.err(command.reason.capitalize()))
             return
         if not legal(self.state, command.keyword):
-            if self.state is State.TRANSACTION and command.keyword in ("USER", "PASS", "APOP", "AUTH", "STLS"):
+            if self.state is State.TRANSACTION and command.keyword in _LOGIN_COMMANDS:
                 self._bad_command(wire.err("Already logged in"))
             else:
                 self._bad_command(wire.err("Command not valid in this state"))
@@ -340,13 +344,14 @@ class POP3ServerProtocol(Protocol):
         """RFC 2449 section 5: CAPA, legal in AUTHORIZATION and TRANSACTION."""
         return self.capabilities().response(self.state is State.TRANSACTION)
 
-    def do_QUIT(self, command: wire.Command) -> Optional[bytes]:
+    def do_QUIT(self, command: wire.Command) -> bytes | None:
         """RFC 1939 section 4 and 6: QUIT; in TRANSACTION it enters UPDATE."""
         if self.state is State.AUTHORIZATION:
             self._write(wire.ok("Bye"))
             self._close("quit")
             return None
-        return self._update()
+        self._update()
+        return None
 
     def do_USER(self, command: wire.Command) -> bytes:
         """RFC 1939 section 7: USER name."""
@@ -355,7 +360,7 @@ class POP3ServerProtocol(Protocol):
                             "AUTH")
         return self.auth.user_command(str(command.args[0]))
 
-    def do_PASS(self, command: wire.Command) -> Optional[bytes]:
+    def do_PASS(self, command: wire.Command) -> bytes | None:
         """RFC 1939 section 7: PASS string."""
         if not self._plaintext_allowed():
             return wire.err("Plaintext authentication disallowed on non-secure connections, use STLS",
@@ -366,7 +371,7 @@ class POP3ServerProtocol(Protocol):
         self._login(credentials, credentials.username)
         return None
 
-    def do_APOP(self, command: wire.Command) -> Optional[bytes]:
+    def do_APOP(self, command: wire.Command) -> bytes | None:
         """RFC 1939 section 7: APOP name digest."""
         credentials = self.auth.apop_credentials(str(command.args[0]), str(command.args[1]))
         if isinstance(credentials, bytes):
@@ -380,7 +385,7 @@ class POP3ServerProtocol(Protocol):
             return wire.multiline(wire.ok("Mechanisms follow"), [])
         return wire.err("Unsupported authentication mechanism")
 
-    def do_STLS(self, command: wire.Command) -> Optional[bytes]:
+    def do_STLS(self, command: wire.Command) -> bytes | None:
         """RFC 2595 section 4: STLS, only once, only before login."""
         context = self.factory.config.tls_context
         if self.tls:
@@ -408,7 +413,7 @@ class POP3ServerProtocol(Protocol):
         """RFC 6856 section 4: not offered by this server yet."""
         return wire.err("LANG is not supported")
 
-    def _login(self, credentials: object, username: bytes) -> None:
+    def _login(self, credentials: ICredentials, username: bytes) -> None:
         """Hand credentials to the portal; on success open the mailbox (TRANSACTION)."""
         self._waiting = True
         name = username.decode("utf-8", "replace")
@@ -519,15 +524,15 @@ class POP3ServerProtocol(Protocol):
         """RFC 1939 section 5: NOOP."""
         return wire.ok()
 
-    def do_RETR(self, command: wire.Command) -> Optional[bytes]:
+    def do_RETR(self, command: wire.Command) -> bytes | None:
         """RFC 1939 section 5: RETR msg, streamed."""
         return self._send_message(int(command.args[0]), None)
 
-    def do_TOP(self, command: wire.Command) -> Optional[bytes]:
+    def do_TOP(self, command: wire.Command) -> bytes | None:
         """RFC 1939 section 7: TOP msg n."""
         return self._send_message(int(command.args[0]), int(command.args[1]))
 
-    def _send_message(self, number: int, lines: Optional[int]) -> Optional[bytes]:
+    def _send_message(self, number: int, lines: int | None) -> bytes | None:
         session = self._session()
         index = session.message(number)
         if isinstance(index, bytes):
@@ -547,7 +552,8 @@ class POP3ServerProtocol(Protocol):
             else:
                 session.stats.top += 1
                 self._write(wire.ok("Top of message follows"))
-            self._body = _Body(stream, wire.BodyEncoder(), wire.TopFilter(lines) if lines is not None else None)
+            top = wire.TopFilter(lines) if lines is not None else None
+            self._body = _Body(stream, wire.BodyEncoder(), top)
             self._run()
 
         def failed(failure: Failure) -> None:

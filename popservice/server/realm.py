@@ -8,12 +8,13 @@ mobile connection), instead of answering [IN-USE] until the old one times out.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from popservice.interfaces import IMailbox, IMailStore, IUserDirectory, MailboxInUse
 
@@ -84,22 +85,23 @@ class MailRealm:
     also knows home directories (L{IUserDirectory}), C{~} in store paths works.
     """
 
-    def __init__(self, store: IMailStore, directory: Optional[IUserDirectory] = None,
-                 registry: Optional[SessionRegistry] = None) -> None:
+    def __init__(self, store: IMailStore, directory: IUserDirectory | None = None,
+                 registry: SessionRegistry | None = None) -> None:
         self.store = store
         self.directory = directory
         self.registry = registry if registry is not None else SessionRegistry()
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any
-                      ) -> "defer.Deferred[tuple[Any, IMailbox, Callable[[], None]]]":
+                      ) -> "defer.Deferred[tuple[type[Interface], object, Callable[[], None]]]":
         if IMailbox not in interfaces:
             raise NotImplementedError("MailRealm only provides popservice IMailbox")
         user = avatar_name(avatarId)
         home = self.directory.home(user) if self.directory is not None else None
 
-        def opened(mailbox: IMailbox) -> tuple[Any, IMailbox, Callable[[], None]]:
+        def opened(mailbox: IMailbox) -> tuple[type[Interface], object, Callable[[], None]]:
             return (IMailbox, mailbox, lambda: None)
 
-        d = self.registry.claim(user)
-        d.addCallback(lambda _: self.store.open_mailbox(user, home))
-        return d.addCallback(opened)
+        def open_mailbox(_: None) -> "defer.Deferred[IMailbox]":
+            return self.store.open_mailbox(user, home)
+
+        return self.registry.claim(user).addCallback(open_mailbox).addCallback(opened)

@@ -8,8 +8,9 @@ only made from an opened mailbox.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Union
 
 from twisted.internet import defer
 

@@ -6,7 +6,6 @@ as the smallest example of the store interfaces.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -26,7 +25,7 @@ from popservice.interfaces import (
 @implementer(IMessageStream)
 class BytesStream:
     def __init__(self, data: bytes, chunk: int = 65536) -> None:
-        self._data: Optional[bytes] = data
+        self._data: bytes | None = data
         self._pos = 0
         self._chunk = chunk
 

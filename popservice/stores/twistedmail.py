@@ -10,7 +10,8 @@ C{listMessages} is handled too).
 
 from __future__ import annotations
 
-from typing import IO, Any, Callable, Optional
+from collections.abc import Callable
+from typing import IO, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -26,14 +27,14 @@ CHUNK = 65536
 class FileStream:
     """An L{IMessageStream} over a binary file object."""
 
-    def __init__(self, f: IO[bytes], chunk: int = CHUNK) -> None:
-        self._f: Optional[IO[bytes]] = f
+    def __init__(self, f: IO[Any], chunk: int = CHUNK) -> None:
+        self._f: IO[Any] | None = f
         self._chunk = chunk
 
     def read(self) -> "defer.Deferred[bytes]":
         if self._f is None:
             return defer.succeed(b"")
-        data = self._f.read(self._chunk)
+        data: Any = self._f.read(self._chunk)
         if isinstance(data, str):
             # Twisted's MaildirMailbox opens files in text mode on Python 3.
             data = data.encode("utf-8", "surrogateescape")
@@ -51,7 +52,7 @@ class TwistedMailboxAdapter:
 
     log = Logger()
 
-    def __init__(self, mailbox: pop3.IMailbox, logout: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, mailbox: pop3.IMailbox, logout: Callable[[], None] | None = None) -> None:
         self.mailbox = mailbox
         self._logout = logout
 

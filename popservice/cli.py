@@ -1,0 +1,101 @@
+"""
+The C{popservice} command.
+
+    popservice demo [--dir DIR] [--port 1110] [--tls-port 1995]
+        Create a demo world on first run (Maildir, demo user, self-signed
+        certificate), print how to connect, and run the server in the foreground.
+    popservice fetch | probe | migrate ...
+        The POP3 client tools (see popservice.client.cli).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+
+DEMO_MESSAGES = [
+    b"From: Welcome <welcome@popservice.invalid>\nTo: demo@localhost\nSubject: Welcome to popservice\n"
+    b"Message-ID: <welcome.1@popservice.invalid>\n\nThis is the first demo message.\n"
+    b".A line starting with a dot survives byte-stuffing.\n",
+    b"From: Welcome <welcome@popservice.invalid>\nTo: demo@localhost\nSubject: Second message\n"
+    b"Message-ID: <welcome.2@popservice.invalid>\nContent-Type: text/plain; charset=utf-8\n\n"
+    + "Grüße aus Köln.\n".encode(),
+    b"From: Welcome <welcome@popservice.invalid>\nTo: demo@localhost\nSubject: Third message\n"
+    b"Message-ID: <welcome.3@popservice.invalid>\n\nNo trailing newline here",
+]
+
+
+def create_demo(directory: str) -> str:
+    """Create the demo world in C{directory} if missing; return the demo password."""
+    from popservice.tlsutil import make_self_signed
+
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    passwd = os.path.join(directory, "passwd")
+    if not os.path.exists(passwd):
+        password = secrets.token_urlsafe(12)
+        fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("demo:{PLAIN}%s:::::\n" % (password,))
+        maildir = os.path.join(directory, "mail", "demo")
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(maildir, sub), mode=0o700, exist_ok=True)
+        now = int(time.time())
+        for i, message in enumerate(DEMO_MESSAGES):
+            name = "%d.M%dP%d.demo" % (now - 60 * (len(DEMO_MESSAGES) - i), i, os.getpid())
+            with open(os.path.join(maildir, "new", name), "wb") as f:
+                f.write(message)
+    if not os.path.exists(os.path.join(directory, "tls", "cert.pem")):
+        make_self_signed(os.path.join(directory, "tls"))
+    with open(passwd) as f:
+        return f.readline().split(":")[1].removeprefix("{PLAIN}")
+
+
+def demo(args: argparse.Namespace) -> int:
+    from twisted.scripts.twistd import run
+
+    directory = os.path.abspath(args.dir)
+    password = create_demo(directory)
+    tls = os.path.join(directory, "tls")
+    print("popservice demo server (data in %s)" % (directory,))
+    print("  user: demo   password: %s" % (password,))
+    print("  pop3://127.0.0.1:%d  (STLS offered)   pop3s://127.0.0.1:%d" % (args.port, args.tls_port))
+    print("  try:  curl --ssl-reqd --cacert %s/cert.pem pop3://demo:%s@127.0.0.1:%d/1"
+          % (tls, password, args.port))
+    print("  stop with Ctrl-C", flush=True)
+    sys.argv = [
+        "twistd", "--nodaemon", "--pidfile=", "pop3",
+        "--mail", "maildir:%s/mail/%%u" % (directory,),
+        "--auth", "passwd-file:%s/passwd" % (directory,),
+        "--listen", "tcp:%d:interface=127.0.0.1" % (args.port,),
+        "--listen", "ssl:%d:privateKey=%s/key.pem:certKey=%s/cert.pem:interface=127.0.0.1"
+        % (args.tls_port, tls, tls),
+        "--tls-certificate", tls + "/cert.pem", "--tls-key", tls + "/key.pem",
+    ]
+    run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="popservice", description="POP3 server and client tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run a demo server with a demo user and self-signed certificate")
+    p.add_argument("--dir", default="popservice-demo", help="data directory (created on first run)")
+    p.add_argument("--port", type=int, default=1110, help="plaintext/STLS port (default 1110)")
+    p.add_argument("--tls-port", type=int, default=1995, help="implicit TLS port (default 1995)")
+    p.set_defaults(func=demo)
+    try:
+        from popservice.client import cli as client_cli
+    except ImportError:  # pragma: no cover - the client is optional at import time
+        client_cli = None  # type: ignore[assignment]
+    if client_cli is not None and hasattr(client_cli, "add_subcommands"):
+        client_cli.add_subcommands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
