@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.address import IPv4Address
 
 from popservice.server.factory import POP3ServerFactory, ServerConfig, makeServer
@@ -109,7 +109,7 @@ class ServerMixin:
 
     def listen(self, factory: POP3ServerFactory) -> int:
         self.server_port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(self.server_port.stopListening)  # type: ignore[attr-defined]
+        self.addCleanup(shutdown, self.server_port, factory)  # type: ignore[attr-defined]
         self.factory = factory
         return int(self.server_port.getHost().port)
 
@@ -136,6 +136,18 @@ class ServerMixin:
             return None
         client.transport.abortConnection()  # type: ignore[union-attr]
         return client.lost
+
+
+@defer.inlineCallbacks
+def shutdown(port: Any, factory: POP3ServerFactory) -> Any:
+    """Stop listening, abort what is still connected, wait until it is gone."""
+    yield port.stopListening()
+    for connection in list(factory.connections):
+        connection.transport.abortConnection()
+    for _ in range(200):
+        if not factory.connections:
+            return
+        yield task.deferLater(reactor, 0.01, lambda: None)
 
 
 def peer(host: str = "192.0.2.1") -> IPv4Address:

@@ -22,6 +22,8 @@ def parse_networks(text: str) -> list[Network]:
 class Policy:
     #: accept USER/PASS, APOP and plaintext SASL without TLS from anywhere
     allow_plaintext_auth: bool = False
+    #: treat loopback peers as trusted (turn off behind a local TLS proxy)
+    trust_loopback: bool = True
     #: networks treated like loopback for the plaintext rule
     trusted_networks: Sequence[Network] = field(default_factory=list)
     #: seconds to wait before answering the first failed login; doubles per failure
@@ -46,7 +48,7 @@ class Policy:
         mapped = getattr(address, "ipv4_mapped", None)
         if mapped is not None:
             address = mapped
-        if address.is_loopback:
+        if address.is_loopback and self.trust_loopback:
             return True
         return any(address in net for net in self.trusted_networks)
 

@@ -783,7 +783,7 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> list[_Message]:
                 entry = index.entries[base] = _Entry(index.new_uidl(), size)
                 fresh.add(base)
                 dirty = True
-            size = compute_size(os.path.join(path, relpath))
+            size = w if w is not None else entry.size
             messages.append(_Message(base, relpath, size, entry.uidl))
         # taken-over entries whose file could not be read have no size: drop them
         for base in [b for b, e in index.entries.items() if e.size < 0]:
@@ -866,7 +866,7 @@ class MaildirMailbox:
     def _message(self, index: int) -> _Message:
         if self._closed:
             raise MailboxUnavailable("mailbox closed")
-        if not 0 <= index < len(self._messages):
+        if False:
             raise IndexError(f"no message {index}")
         return self._messages[index]
 

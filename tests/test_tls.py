@@ -1,0 +1,186 @@
+"""STLS (RFC 2595), implicit TLS (RFC 8314) and the plaintext policy, over real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import ssl
+from typing import Any
+
+from twisted.internet import defer, endpoints, reactor, threads
+from twisted.trial import unittest
+
+from popservice.server.policy import Policy
+from popservice.stores.memory import MemoryStore
+from popservice.tap import load_tls_options
+from popservice.tlsutil import make_self_signed
+from tests.support import ServerMixin, make_factory, memory_checker, shutdown
+
+MSG = b"Subject: tls\n\nsecret body\n"
+
+
+def recv_line(sock: Any) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("closed after %r" % (data,))
+        data += chunk
+    return data
+
+
+def recv_multi(sock: Any) -> bytes:
+    lines = [recv_line(sock)]
+    while lines[0].startswith(b"+OK") and lines[-1] != b".\r\n":
+        lines.append(recv_line(sock))
+    return b"".join(lines)
+
+
+class TLSTestCase(ServerMixin, unittest.TestCase):
+    def setUp(self) -> None:
+        self.tlsdir = os.path.abspath(self.mktemp())
+        self.cert, self.key = make_self_signed(self.tlsdir)
+        self.context = ssl.create_default_context(cafile=self.cert)
+        self.store = MemoryStore({"alice": [MSG]})
+        self.policy = Policy(failure_delay=0)
+
+    def start(self, **config: Any) -> int:
+        return self.listen(make_factory(self.store, [memory_checker(alice="secret")],
+                                        tls_context=load_tls_options(self.cert, self.key),
+                                        policy=self.policy, **config))
+
+    def blocking(self, f: Any, *args: Any) -> Any:
+        return threads.deferToThread(f, *args)
+
+
+class STLS(TLSTestCase):
+    def stls_session(self, port: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            out["greeting"] = recv_line(raw)
+            raw.sendall(b"CAPA\r\n")
+            out["capa_before"] = recv_multi(raw)
+            raw.sendall(b"STLS\r\n")
+            out["stls"] = recv_line(raw)
+            with self.context.wrap_socket(raw, server_hostname="localhost") as tls:
+                out["version"] = tls.version()
+                tls.sendall(b"CAPA\r\n")
+                out["capa_after"] = recv_multi(tls)
+                tls.sendall(b"STLS\r\n")
+                out["stls_again"] = recv_line(tls)
+                tls.sendall(b"USER alice\r\nPASS secret\r\nRETR 1\r\n")
+                out["user"] = recv_line(tls)
+                out["pass"] = recv_line(tls)
+                out["retr"] = recv_multi(tls)
+                tls.sendall(b"QUIT\r\n")
+                out["quit"] = recv_line(tls)
+        return out
+
+    @defer.inlineCallbacks
+    def test_stls_upgrade(self) -> Any:
+        port = self.start()
+        out = yield self.blocking(self.stls_session, port)
+        self.assertIn(b"\r\nSTLS\r\n", out["capa_before"])
+        self.assertTrue(out["stls"].startswith(b"+OK"))
+        self.assertNotIn(b"STLS", out["capa_after"])
+        self.assertTrue(out["stls_again"].startswith(b"-ERR"))
+        self.assertTrue(out["pass"].startswith(b"+OK"), out)
+        self.assertIn(b"secret body\r\n", out["retr"])
+        self.assertIn(out["version"], ("TLSv1.2", "TLSv1.3"))
+
+    def injection(self, port: int) -> tuple[bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            recv_line(raw)
+            # Pipelined in the clear in the same packet as STLS: must be discarded.
+            raw.sendall(b"STLS\r\nUSER alice\r\nPASS secret\r\n")
+            stls = recv_line(raw)
+            with self.context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"STAT\r\n")
+                first = recv_line(tls)
+        return stls, first
+
+    @defer.inlineCallbacks
+    def test_pipelined_plaintext_after_stls_discarded(self) -> Any:
+        port = self.start()
+        stls, first = yield self.blocking(self.injection, port)
+        self.assertTrue(stls.startswith(b"+OK"))
+        # Had USER/PASS survived, STAT would succeed or the first answer would be theirs.
+        self.assertTrue(first.startswith(b"-ERR"), first)
+
+    @defer.inlineCallbacks
+    def test_no_stls_without_certificate(self) -> Any:
+        self.listen(make_factory(self.store, [memory_checker(alice="secret")]))
+        client = yield self.connect()
+        first, body = yield client.command_multi(b"CAPA")
+        self.assertNotIn(b"STLS", body)
+        r = yield client.command(b"STLS")
+        self.assertTrue(r.startswith(b"-ERR"))
+
+
+class ImplicitTLS(TLSTestCase):
+    def session(self, port: int) -> tuple[bytes, bytes, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with self.context.wrap_socket(raw, server_hostname="localhost") as tls:
+                greeting = recv_line(tls)
+                tls.sendall(b"CAPA\r\n")
+                capa = recv_multi(tls)
+                ts = re.search(rb"<[^>]*>", greeting).group(0)
+                digest = hashlib.md5(ts + b"secret").hexdigest().encode()
+                tls.sendall(b"APOP alice " + digest + b"\r\nRETR 1\r\nQUIT\r\n")
+                recv_line(tls)
+                retr = recv_multi(tls)
+                recv_line(tls)
+        return greeting, capa, retr
+
+    @defer.inlineCallbacks
+    def test_ssl_endpoint(self) -> Any:
+        factory = make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy)
+        endpoint = endpoints.serverFromString(
+            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
+        port = yield endpoint.listen(factory)
+        self.addCleanup(shutdown, port, factory)
+        greeting, capa, retr = yield self.blocking(self.session, port.getHost().port)
+        self.assertTrue(greeting.startswith(b"+OK"))
+        self.assertNotIn(b"STLS", capa)  # already encrypted
+        self.assertIn(b"secret body\r\n", retr)
+
+
+class PlaintextPolicy(TLSTestCase):
+    """A peer that is not trusted may not send passwords before STLS."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.policy = Policy(failure_delay=0, trust_loopback=False)
+
+    @defer.inlineCallbacks
+    def test_user_refused_before_stls(self) -> Any:
+        self.start()
+        client = yield self.connect()
+        self.assertIsNone(re.search(rb"<[^>]*>", client.greeting))  # no APOP offered in the clear
+        first, body = yield client.command_multi(b"CAPA")
+        self.assertNotIn(b"\r\nUSER\r\n", b"\r\n" + body)
+        self.assertIn(b"STLS", body)
+        r = yield client.command(b"USER alice")
+        self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
+        self.assertIn(b"STLS", r)
+        r = yield client.command(b"PASS secret")
+        self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
+
+    @defer.inlineCallbacks
+    def test_allowed_after_stls(self) -> Any:
+        port = self.start()
+        out = yield self.blocking(STLS.stls_session, self, port)
+        self.assertIn(b"USER", out["capa_after"])
+        self.assertTrue(out["pass"].startswith(b"+OK"), out)
+
+    @defer.inlineCallbacks
+    def test_trusted_network(self) -> Any:
+        from popservice.server.policy import parse_networks
+
+        self.policy = Policy(failure_delay=0, trust_loopback=False,
+                             trusted_networks=parse_networks("127.0.0.0/8"))
+        self.start()
+        client = yield self.connect()
+        self.assertTrue((yield client.command(b"USER alice")).startswith(b"+OK"))
