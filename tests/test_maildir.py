@@ -192,7 +192,8 @@ class UIDLTests(MaildirTestCase):
         deliver(self.box, "1700000001.b.host", b"two\n", "cur", "2,")
         first = await self.session_listing()
         # another program flags and renames the files
-        os.rename(find(self.box, "1700000000.a.host"), os.path.join(self.box, "cur", "1700000000.a.host:2,RS"))
+        os.rename(find(self.box, "1700000000.a.host"),
+                  os.path.join(self.box, "cur", "1700000000.a.host:2,RS"))
         os.rename(find(self.box, "1700000001.b.host"), os.path.join(self.box, "new", "1700000001.b.host"))
         second = await self.session_listing()
         self.assertEqual([m.uid for m in first], [m.uid for m in second])
@@ -362,6 +363,26 @@ class TakeoverTests(MaildirTestCase):
         self.assertTrue(any("courierpop3dsizelist" in t and "took over 2" in t for t in logs.texts()))
 
     @async_test
+    async def test_taken_over_uidl_kept_while_file_unreadable(self) -> None:
+        self.write("dovecot-uidlist", "3 V1000 N3\n1 :1700000000.a.host\n2 :1700000001.b.host\n")
+        deliver(self.box, "1700000000.a.host", b"a\n")
+        deliver(self.box, "1700000001.b.host", b"b\n")
+        real = maildir.compute_size
+
+        def unreadable(path: str) -> int:
+            if "a.host" in path:
+                raise PermissionError(13, "Permission denied", path)
+            return real(path)
+
+        self.patch(maildir, "compute_size", unreadable)
+        self.assertEqual([m.uid for m in await self.session_listing()], [f"{2:08x}{1000:08x}"])
+        os.unlink(os.path.join(self.box, "dovecot-uidlist"))
+        self.patch(maildir, "compute_size", real)
+        listing = await self.session_listing()
+        self.assertEqual([m.uid for m in listing], [f"{1:08x}{1000:08x}", f"{2:08x}{1000:08x}"])
+        self.assertEqual([m.size for m in listing], [3, 3])
+
+    @async_test
     async def test_own_index_wins_over_foreign_files(self) -> None:
         deliver(self.box, "1700000000.a.host", b"a\n")
         first = await self.session_listing()
@@ -494,7 +515,8 @@ class StreamTests(MaildirTestCase):
         deliver(self.box, "1700000000.a.host", b"one\n")
         deliver(self.box, "1700000001.b.host", b"two\n")
         mbox = await self.open()
-        os.rename(find(self.box, "1700000000.a.host"), os.path.join(self.box, "cur", "1700000000.a.host:2,ST"))
+        os.rename(find(self.box, "1700000000.a.host"),
+                  os.path.join(self.box, "cur", "1700000000.a.host:2,ST"))
         os.rename(find(self.box, "1700000001.b.host"), os.path.join(self.box, "new", "1700000001.b.host"))
         self.assertEqual(await self.content(mbox, 0), b"one\n")
         self.assertEqual(await self.content(mbox, 1), b"two\n")

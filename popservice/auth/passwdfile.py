@@ -730,7 +730,7 @@ class PasswdFileChecker:
 
     # -- ICredentialsChecker ----------------------------------------------
 
-    def requestAvatarId(self, credentials: object) -> defer.Deferred[str]:
+    def requestAvatarId(self, credentials: object) -> defer.Deferred[str]:  # type: ignore[override]
         creds = cast(Any, credentials)
         user = _user_name(getattr(creds, "username", None))
         rec = self.record(user) if user is not None else None

@@ -307,7 +307,7 @@ def run_probe(args: argparse.Namespace) -> int:
         except Exception as e:
             if args.insecure:
                 raise
-            text, _ = _describe_failure(Failure(e))  # type: ignore[no-untyped-call]
+            text, _ = _describe_failure(Failure(e))
             out.write(f"verified connection failed: {text}\nretrying without certificate checks\n")
             verified = False
             opts["insecure"] = True

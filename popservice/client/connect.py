@@ -108,7 +108,7 @@ def tls_options(hostname: str, ca_file: str | None = None, insecure: bool = Fals
         return ssl.CertificateOptions(verify=False)
     if ca_file is not None:
         with open(ca_file, "rb") as f:
-            trust = ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+            trust = ssl.trustRootFromCertificates(
                 _pem_certificates(f.read()))
         return ssl.optionsForClientTLS(hostname, trustRoot=trust)
     return ssl.optionsForClientTLS(hostname)
@@ -145,7 +145,7 @@ def open_connection(
     tls = tls_options(url.host, ca_file, insecure) if url.implicit_tls or starttls != "none" else None
     client = protocol_factory()
     client.timeout = timeout
-    yield connectProtocol(_endpoint(reactor, url, tls, timeout), client)  # type: ignore[no-untyped-call]
+    yield connectProtocol(_endpoint(reactor, url, tls, timeout), client)
     try:
         yield client.greeting
         if url.implicit_tls:

@@ -409,7 +409,7 @@ _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")
 
 
 def _failure(exc: BaseException) -> Failure:
-    return Failure(exc)  # type: ignore[no-untyped-call]
+    return Failure(exc)
 
 
 class POP3Client(Protocol, TimeoutMixin):

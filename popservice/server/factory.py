@@ -19,6 +19,7 @@ from twisted.internet.protocol import ServerFactory
 
 from popservice import __version__
 from popservice.interfaces import IMailStore, ISessionObserver, IUserDirectory
+from popservice.sasl.base import MechanismFactory, VerifiedChecker
 from popservice.server.events import LogObserver
 from popservice.server.policy import Policy
 from popservice.server.protocol import POP3ServerProtocol
@@ -39,6 +40,10 @@ class ServerConfig:
     apop: bool = True
     policy: Policy = field(default_factory=Policy)
     implementation: str = "popservice " + __version__
+    #: SASL mechanisms offered by AUTH, by name, in order of preference
+    sasl: dict[str, MechanismFactory] = field(default_factory=dict)
+    #: services SASL mechanisms may use (token validators, master-user rules)
+    sasl_services: dict[str, Any] = field(default_factory=dict)
 
 
 class POP3ServerFactory(ServerFactory):
@@ -82,6 +87,9 @@ def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
     that also provides L{IUserDirectory} supplies home directories for C{~}.
     """
     checkers = list(checkers)
+    if config is not None and config.sasl:
+        # Mechanisms that verify proofs themselves (SCRAM, tokens) log in with these.
+        checkers.append(VerifiedChecker())
     directory = next((c for c in checkers if IUserDirectory.providedBy(c)), None)
     registry = SessionRegistry(grace=lock_grace, enabled=exclusive)
     portal = Portal(MailRealm(store, directory, registry), checkers)

@@ -14,6 +14,8 @@ store with flow control, and owns timeouts and backpressure:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,14 @@ from popservice.interfaces import (
     MailboxUnavailable,
     MessageGone,
 )
+from popservice.sasl.base import (
+    Authenticated,
+    Challenge,
+    ISASLServerMechanism,
+    MechanismFactory,
+    SASLContext,
+    SASLStep,
+)
 from popservice.server.login import Authorization, Capabilities, UnauthorizedLogin, apop_timestamp
 from popservice.server.session import MailboxSession
 from popservice.states import State, legal
@@ -43,6 +53,20 @@ from popservice.stores.twistedmail import TwistedMailboxAdapter
 
 if TYPE_CHECKING:
     from popservice.server.factory import POP3ServerFactory
+
+#: RFC 5034 section 4: SASL responses may be longer than commands (OAuth tokens).
+SASL_LINE = 16384
+
+
+def _decode_sasl(text: str) -> bytes | None:
+    """Strict base64 of a SASL response; C{=} is the empty response (RFC 5034)."""
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return None
+
 
 _LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS"})
 
@@ -96,6 +120,9 @@ class POP3ServerProtocol(Protocol):
         self._idle_call: IDelayedCall | None = None
         self._login_call: IDelayedCall | None = None
         self._last_activity = 0.0
+        self._sasl: ISASLServerMechanism | None = None
+        self._sasl_pending = False
+        self._login_method = "USER"
 
     # ------------------------------------------------------------------
     # Connection life
@@ -297,6 +324,13 @@ class POP3ServerProtocol(Protocol):
 
     def _handle_line(self, line: Union[bytes, wire.LineTooLong]) -> None:
         self._reset_idle_timer()
+        if self._sasl_pending:
+            if isinstance(line, wire.LineTooLong):
+                self._end_sasl()
+                self._bad_command(wire.err("Authentication response too long", "AUTH"))
+            else:
+                self._sasl_line(line)
+            return
         if isinstance(line, wire.LineTooLong):
             self._bad_command(wire.err("Command line too long"))
             return
@@ -336,6 +370,7 @@ class POP3ServerProtocol(Protocol):
         config = self.factory.config
         return Capabilities(user=self._plaintext_allowed(),
                             stls=config.tls_context is not None and not self.tls,
+                            sasl=tuple(self._mechanisms()),
                             implementation=config.implementation)
 
     # -- AUTHORIZATION (RFC 1939 section 4, 7; RFC 2449; RFC 2595)
@@ -376,14 +411,104 @@ class POP3ServerProtocol(Protocol):
         credentials = self.auth.apop_credentials(str(command.args[0]), str(command.args[1]))
         if isinstance(credentials, bytes):
             return credentials
-        self._login(credentials, credentials.username)
+        self._login(credentials, credentials.username, via="APOP")
         return None
 
-    def do_AUTH(self, command: wire.Command) -> bytes:
-        """RFC 5034 section 4: AUTH; without arguments, the list of mechanisms."""
+    def _mechanisms(self) -> dict[str, MechanismFactory]:
+        """The SASL mechanisms usable on this connection (plaintext ones need TLS or trust)."""
+        allowed = self._plaintext_allowed()
+        return {name: factory for name, factory in self.factory.config.sasl.items()
+                if allowed or not getattr(factory, "plaintext", False)}
+
+    def do_AUTH(self, command: wire.Command) -> bytes | None:
+        """RFC 5034 section 4: AUTH mechanism [initial-response]; bare AUTH lists mechanisms."""
+        mechanisms = self._mechanisms()
         if not command.args:
-            return wire.multiline(wire.ok("Mechanisms follow"), [])
-        return wire.err("Unsupported authentication mechanism")
+            return wire.multiline(wire.ok("Mechanisms follow"), [m.encode("ascii") for m in mechanisms])
+        name = str(command.args[0]).upper()
+        factory = mechanisms.get(name)
+        if factory is None:
+            if name in self.factory.config.sasl:
+                return wire.err("Plaintext authentication disallowed on non-secure connections, use STLS",
+                                "AUTH")
+            return wire.err("Unsupported authentication mechanism")
+        initial: bytes | None = None
+        if len(command.args) > 1:
+            decoded = _decode_sasl(str(command.args[1]))
+            if decoded is None:
+                return wire.err("Invalid base64 data in initial response")
+            initial = decoded
+        self._sasl = factory(self._sasl_context())
+        self._sasl_step(initial)
+        return None
+
+    def _sasl_context(self) -> SASLContext:
+        transport: Any = self.transport
+        certificate = None
+        if self.tls:
+            get_peer = getattr(transport, "getPeerCertificate", None)
+            if get_peer is not None:
+                try:
+                    certificate = get_peer()
+                except Exception:
+                    certificate = None
+        return SASLContext(hostname=self.factory.config.hostname, tls=self.tls, peer=self.peer_host,
+                           peer_certificate=certificate,
+                           checkers=tuple(self.factory.portal.checkers.values()),
+                           services=self.factory.config.sasl_services)
+
+    def _sasl_line(self, line: bytes) -> None:
+        """A client response inside an AUTH exchange (RFC 5034 section 4)."""
+        if line == b"*":
+            self._end_sasl()
+            self._write(wire.err("Authentication cancelled", "AUTH"))
+            return
+        decoded = _decode_sasl(line.decode("ascii", "replace"))
+        if decoded is None:
+            self._end_sasl()
+            self._bad_command(wire.err("Invalid base64 data in response"))
+            return
+        self._sasl_step(decoded)
+
+    def _end_sasl(self) -> None:
+        self._sasl = None
+        self._sasl_pending = False
+        self.reader.max_length = wire.MAX_COMMAND_LINE
+
+    def _sasl_step(self, response: bytes | None) -> None:
+        mechanism = self._sasl
+        assert mechanism is not None
+        self._waiting = True
+        self._sasl_pending = False
+        d: defer.Deferred[Any] = defer.maybeDeferred(mechanism.step, response)
+        d.addCallbacks(self._sasl_result, self._sasl_error)
+
+    def _sasl_result(self, result: SASLStep) -> None:
+        if self._closed:
+            return
+        if isinstance(result, Challenge):
+            self._waiting = False
+            self._sasl_pending = True
+            self.reader.max_length = SASL_LINE
+            self._write(b"+ " + base64.b64encode(result.data) + wire.CRLF)
+            self._run()
+            return
+        name = getattr(self._sasl, "name", "SASL")
+        self._end_sasl()
+        if isinstance(result, Authenticated):
+            username = getattr(result.credentials, "username", b"")
+            if isinstance(username, str):
+                username = username.encode("utf-8")
+            self._login(result.credentials, username, via=name)
+            return
+        self._login_failed(Failure(UnauthorizedLogin(result.reason)), "", via=name)
+
+    def _sasl_error(self, failure: Failure) -> None:
+        self.log.failure("SASL mechanism failed", failure)
+        self._end_sasl()
+        self._waiting = False
+        self._write(wire.err("Authentication failed", "SYS/TEMP"))
+        self._run()
 
     def do_STLS(self, command: wire.Command) -> bytes | None:
         """RFC 2595 section 4: STLS, only once, only before login."""
@@ -413,14 +538,16 @@ class POP3ServerProtocol(Protocol):
         """RFC 6856 section 4: not offered by this server yet."""
         return wire.err("LANG is not supported")
 
-    def _login(self, credentials: ICredentials, username: bytes) -> None:
+    def _login(self, credentials: ICredentials, username: bytes, via: str = "USER") -> None:
         """Hand credentials to the portal; on success open the mailbox (TRANSACTION)."""
         self._waiting = True
+        self._login_method = via
         name = username.decode("utf-8", "replace")
         d: defer.Deferred[Any] = defer.maybeDeferred(
             self.factory.portal.login, credentials, None, IMailbox, twisted_pop3.IMailbox)
         d.addCallback(self._open_session)
-        d.addCallbacks(self._login_succeeded, self._login_failed, callbackArgs=(name,), errbackArgs=(name,))
+        d.addCallbacks(self._login_succeeded, self._login_failed, callbackArgs=(name,),
+                       errbackArgs=(name, via))
         d.addErrback(self._internal_error)
 
     def _open_session(self, result: tuple[Any, Any, Callable[[], None]]) -> "defer.Deferred[MailboxSession]":
@@ -452,14 +579,14 @@ class POP3ServerProtocol(Protocol):
         if self._login_call is not None and self._login_call.active():
             self._login_call.cancel()
         self._reset_idle_timer()
-        self._event("login", messages=len(session.listing), tls=self.tls)
+        self._event("login", messages=len(session.listing), tls=self.tls, method=self._login_method)
         self._write(wire.ok("Logged in, %d messages" % (len(session.listing),)))
         self._run()
 
-    def _login_failed(self, failure: Failure, name: str) -> None:
+    def _login_failed(self, failure: Failure, name: str, via: str = "USER") -> None:
         if failure.check(UnauthorizedLogin):
             self.auth.failures += 1
-            self._event("login_failed", attempted=name, failures=self.auth.failures)
+            self._event("login_failed", attempted=name, failures=self.auth.failures, method=via)
             delay = self.factory.config.policy.delay_after(self.auth.failures)
             if delay > 0:
                 self.factory.clock.callLater(delay, self._answer_failed_login)

@@ -24,7 +24,7 @@ import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import implementer  # type: ignore[import-untyped,unused-ignore]
+from zope.interface import implementer
 
 from popservice.interfaces import IMailboxLock, MailboxInUse, MailboxUnavailable
 

@@ -27,7 +27,8 @@ Index file format (UTF-8; file names as on disk, undecodable bytes kept)::
     ...
 
 C{<uidl>} is 1-70 characters in 0x21-0x7E (no space), C{<size>} the
-transmitted size in decimal, and C{<base name>} the rest of the line (it may
+transmitted size in decimal (C{-} for a taken-over UIDL whose file could not
+be read yet: kept, not listed, retried at the next login), and C{<base name>} the rest of the line (it may
 contain spaces).  Newly assigned UIDLs are C{"%08x%08x" % (uid, uidvalidity)},
 which is exactly what Dovecot's default C{pop3_uidl_format = %08Xu%08Xv}
 produces (Dovecot's C{X} modifier prints lower-case hex), so after a takeover
@@ -48,15 +49,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from zope.interface import implementer  # type: ignore[import-untyped,unused-ignore]
+from zope.interface import implementer
 
 from popservice.interfaces import (
     IMailbox,
+    IMailboxLock,
     IMailStore,
     IMessageStream,
     MailboxInUse,
@@ -136,7 +138,8 @@ def _w_size(base: str) -> int | None:
 
 def _acceptable_name(name: str) -> bool:
     # dotfiles are not messages; a line end in a name cannot go into the index
-    return bool(name) and not name.startswith(".") and "\n" not in name and "\r" not in name
+    return (bool(name) and not name.startswith((".", ":")) and "\n" not in name
+            and "\r" not in name)
 
 
 def _nofollow_opener(path: str, flags: int) -> int:
@@ -259,7 +262,8 @@ class _Index:
         lines = [f"{_INDEX_HEADER} V{self.uidvalidity} N{self.next_uid}\n"]
         for base in sorted(self.entries, key=message_sort_key):
             e = self.entries[base]
-            lines.append(f"{e.uidl} {e.size} {base}\n")
+            # "-": a taken-over UIDL whose file could not be read yet; kept, not listed
+            lines.append(f"{e.uidl} {e.size if e.size >= 0 else '-'} {base}\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
 
 
@@ -290,11 +294,12 @@ def parse_index(text: str, where: str = INDEX_FILE_NAME) -> _Index | None:
         if not line:
             continue
         parts = line.split(" ", 2)
-        if (len(parts) != 3 or not _UIDL_RE.match(parts[0]) or not _DIGITS_RE.match(parts[1])
-                or not parts[2]):
-            log.warn("{where}: skipping malformed line {lineno}", where=where, lineno=lineno)
+        if (len(parts) != 3 or not _UIDL_RE.match(parts[0])
+                or not (_DIGITS_RE.match(parts[1]) or parts[1] == "-") or not parts[2]):
+            log.warn("{where}: skipping malformed line {lineno} (its message gets a new UIDL)",
+                     where=where, lineno=lineno)
             continue
-        index.entries[parts[2]] = _Entry(parts[0], int(parts[1]))
+        index.entries[parts[2]] = _Entry(parts[0], int(parts[1]) if parts[1] != "-" else -1)
     return index
 
 
@@ -424,14 +429,6 @@ def parse_courier_sizelist(text: str) -> _Index | None:
 # The store
 
 
-class SessionLock(Protocol):
-    """What the store needs of an L{IMailboxLock} (acquire/release returning Deferreds)."""
-
-    def acquire(self) -> object: ...
-
-    def release(self) -> object: ...
-
-
 @dataclass
 class _Message:
     base: str
@@ -463,7 +460,7 @@ class MaildirStore:
         *,
         lock_policy: str = "exclusive",
         dovecot_uidl_format: str = DEFAULT_DOVECOT_UIDL_FORMAT,
-        lock_factory: Callable[[str], SessionLock] | None = None,
+        lock_factory: Callable[[str], IMailboxLock] | None = None,
     ) -> None:
         if lock_policy not in ("exclusive", "none"):
             raise ValueError(f"lock_policy must be 'exclusive' or 'none', not {lock_policy!r}")
@@ -525,14 +522,14 @@ class MaildirStore:
             path = home.rstrip("/") + path[1:] if home != "/" else path[1:] or "/"
         return path
 
-    def _make_lock(self, path: str) -> SessionLock | None:
+    def _make_lock(self, path: str) -> IMailboxLock | None:
         if self.lock_policy == "none":
             return None
         if self._lock_factory is not None:
             return self._lock_factory(path)
         return FcntlMailboxLock(os.path.join(path, LOCK_FILE_NAME))
 
-    def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[MaildirMailbox]":
+    def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[IMailbox]":
         """
         Deferred firing with the locked, scanned L{MaildirMailbox} of C{user};
         failing with L{MailboxInUse} or L{MailboxUnavailable} only.
@@ -543,7 +540,7 @@ class MaildirStore:
             return defer.fail(e)
         return defer.Deferred.fromCoroutine(self._open(path))
 
-    async def _open(self, path: str) -> MaildirMailbox:
+    async def _open(self, path: str) -> IMailbox:
         lock = self._make_lock(path)
         try:
             await deferToThread(ensure_maildir, path)
@@ -551,12 +548,15 @@ class MaildirStore:
                 await defer.maybeDeferred(lock.acquire)
             messages = await deferToThread(scan_maildir, path, self.uidl_format)
         except Exception as e:
-            error = _translate(e, f"opening Maildir {path}")
+            # CancelledError (the client went away) passes unchanged and unlogged
+            error = e if isinstance(e, defer.CancelledError) else _translate(e, f"opening Maildir {path}")
             if lock is not None:
                 try:
                     await defer.maybeDeferred(lock.release)
                 except Exception:
                     log.failure("releasing the lock of {path} after a failed open", path=path)
+            if error is e:
+                raise
             raise error from e
         return MaildirMailbox(path, messages, lock)
 
@@ -761,7 +761,7 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> list[_Message]:
             relpath = found[base]
             entry = index.entries.get(base)
             w = _w_size(base)
-            if entry is not None and entry.size < 0:  # taken over, size not yet known
+            if entry is not None and entry.size < 0:  # taken over, size not known yet
                 size = w if w is not None else import_sizes.get(base)
                 if size is None:
                     try:
@@ -785,9 +785,6 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> list[_Message]:
                 dirty = True
             size = w if w is not None else entry.size
             messages.append(_Message(base, relpath, size, entry.uidl))
-        # taken-over entries whose file could not be read have no size: drop them
-        for base in [b for b, e in index.entries.items() if e.size < 0]:
-            del index.entries[base]
         if dirty:
             try:
                 _write_index(path, index)
@@ -853,7 +850,7 @@ class MaildirMailbox:
     0-based positions in it.
     """
 
-    def __init__(self, path: str, messages: list[_Message], lock: SessionLock | None) -> None:
+    def __init__(self, path: str, messages: list[_Message], lock: IMailboxLock | None) -> None:
         self.path = path
         self._messages = messages
         self._lock = lock
@@ -866,7 +863,7 @@ class MaildirMailbox:
     def _message(self, index: int) -> _Message:
         if self._closed:
             raise MailboxUnavailable("mailbox closed")
-        if False:
+        if not 0 <= index < len(self._messages):
             raise IndexError(f"no message {index}")
         return self._messages[index]
 
@@ -883,7 +880,7 @@ class MaildirMailbox:
                 msg.relpath = relpath
         raise MessageGone(f"message {msg.base} is gone")
 
-    def open(self, index: int) -> "defer.Deferred[MaildirMessageStream]":
+    def open(self, index: int) -> "defer.Deferred[IMessageStream]":
         try:
             msg = self._message(index)
             if msg.deleted:
@@ -949,7 +946,7 @@ class MaildirMailbox:
             return defer.succeed(None)
         return defer.Deferred.fromCoroutine(self._release(lock))
 
-    async def _release(self, lock: SessionLock) -> None:
+    async def _release(self, lock: IMailboxLock) -> None:
         try:
             await defer.maybeDeferred(lock.release)
         except Exception:

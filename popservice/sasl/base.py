@@ -1,0 +1,112 @@
+"""
+The server side of SASL (RFC 4422) as POP3's AUTH command uses it (RFC 5034):
+what a mechanism is given, and what each step of it answers.
+
+A mechanism never writes to the wire and never opens a mailbox.  Each step
+returns a L{Challenge} (sent as C{+ base64}), L{Authenticated} (credentials
+the protocol hands to C{portal.login}, so any cred checker composes) or
+L{Failed} (sent as C{-ERR [AUTH]}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials
+from zope.interface import Attribute, Interface, implementer
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Send C{data} to the client as C{+ base64(data)} and wait for its answer."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The exchange is complete: log in with these credentials."""
+
+    credentials: ICredentials
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The exchange failed; C{reason} is a fixed text (never client bytes)."""
+
+    reason: str = "Authentication failed"
+    code: str = "AUTH"
+
+
+SASLStep = Union[Challenge, Authenticated, Failed]
+
+
+@dataclass
+class SASLContext:
+    """What a mechanism may know about the connection it runs on."""
+
+    hostname: str
+    tls: bool
+    peer: Optional[str] = None
+    #: the client's TLS certificate (an OpenSSL X509), for EXTERNAL
+    peer_certificate: Any = None
+    #: the credentials checkers of the portal (a mechanism may look for one
+    #: that can give it secrets, e.g. SCRAM keys)
+    checkers: tuple[Any, ...] = ()
+    #: extra services by name (token validators, master-user rules ...)
+    services: dict[str, Any] = field(default_factory=dict)
+
+
+class ISASLServerMechanism(Interface):
+    """One running server-side SASL exchange (a new object per AUTH command)."""
+
+    name = Attribute("The IANA mechanism name, upper case, e.g. 'PLAIN'.")
+    plaintext = Attribute("True if the secret crosses the wire recoverably (needs TLS or trust).")
+
+    def step(response: Optional[bytes]) -> "SASLStep | Deferred[SASLStep]":
+        """
+        Process the client's response (C{None} for no initial response, C{b""}
+        for an empty one) and say what comes next.
+        """
+
+
+#: A mechanism factory: context -> a new mechanism object.
+MechanismFactory = Callable[[SASLContext], ISASLServerMechanism]
+
+
+class ISASLVerified(ICredentials):
+    """
+    Credentials whose proof a mechanism has already verified itself (SCRAM,
+    OAUTHBEARER, EXTERNAL); a L{VerifiedChecker} in the portal accepts them.
+    """
+
+    username = Attribute("The authenticated user name (str).")
+    mechanism = Attribute("The mechanism that verified it.")
+
+
+@implementer(ISASLVerified)
+@dataclass(frozen=True)
+class Verified:
+    username: str
+    mechanism: str
+
+
+__all__ = ["Authenticated", "Challenge", "Failed", "ISASLServerMechanism", "ISASLVerified",
+           "MechanismFactory", "SASLContext", "SASLStep", "Verified", "VerifiedChecker"]
+
+
+@implementer(ICredentialsChecker)
+class VerifiedChecker:
+    """Accepts credentials a SASL mechanism has verified itself (L{ISASLVerified})."""
+
+    credentialInterfaces = (ISASLVerified,)
+
+    def requestAvatarId(self, credentials: Any) -> "Deferred[str]":  # type: ignore[override]
+        from twisted.internet import defer
+
+        return defer.succeed(str(credentials.username))
