@@ -1,6 +1,9 @@
 """
 Credentials for the challenge-response logins of POP3: APOP (RFC 1939) and
-CRAM-MD5 (RFC 2195), with constant-time checks.
+CRAM-MD5 (RFC 2195), with constant-time checks; master-user credentials for
+SASL PLAIN with an authorization identity (L{MasterUserCredentials}); and
+L{ISASLSecretSource}, what a user database offers to SASL mechanisms that
+verify proofs themselves (SCRAM, DIGEST-MD5).
 
 Twisted ships both (L{twisted.mail.pop3.APOPCredentials},
 L{twisted.cred.credentials.CramMD5Credentials}) but compares digests with
@@ -25,13 +28,17 @@ import socket
 import struct
 import time
 
-from twisted.cred.credentials import IUsernameHashedPassword
-from zope.interface import Interface, implementer  # type: ignore[import-untyped,unused-ignore]
+from twisted.cred.credentials import ICredentials, IUsernameHashedPassword, IUsernamePassword
+from zope.interface import Attribute, Interface, implementer  # type: ignore[import-untyped,unused-ignore]
 
 __all__ = [
     "APOPCredentials",
     "CramMD5Credentials",
     "IHMACMD5ContextCredentials",
+    "IMasterUserCredentials",
+    "ISASLSecretSource",
+    "MasterUserCredentials",
+    "SCRAMSecret",
     "CRAM_MD5_CONTEXT_LEN",
     "hmac_md5_context",
     "hmac_md5_from_context",
@@ -228,3 +235,81 @@ class CramMD5Credentials:
         """True if the response matches the stored Dovecot CRAM-MD5 C{context} (32 bytes)."""
         expected = hmac_md5_from_context(context, self.challenge).hex().encode("ascii")
         return hmac.compare_digest(expected, self.response)
+
+
+# ---------------------------------------------------------------------------
+# Master users (SASL PLAIN with an authorization identity)
+# ---------------------------------------------------------------------------
+
+
+class IMasterUserCredentials(ICredentials):  # type: ignore[misc,unused-ignore]
+    """
+    A I{master user} (an administrator, a migration tool) proving its own
+    password in order to log in as another user (the SASL authorization
+    identity, RFC 4616 C{authzid}).  A checker for these credentials verifies
+    C{master}'s password, checks that C{master} may act for C{username}, and
+    returns C{username} as the avatar id.
+    """
+
+    username = Attribute("The user to log in as (bytes, the authzid).")
+    master = Attribute("The user whose password is proved (bytes, the authcid).")
+
+    def master_credentials() -> IUsernamePassword:  # type: ignore[empty-body,misc,unused-ignore]
+        """C{IUsernamePassword} credentials of the master user alone."""
+
+
+@implementer(IUsernamePassword)
+class _MasterPassword:
+    def __init__(self, username: bytes, password: bytes) -> None:
+        self.username = username
+        self.password = password
+
+    def __repr__(self) -> str:
+        return f"<master password of {self.username!r}>"
+
+    def checkPassword(self, password: bytes | str) -> bool:
+        return hmac.compare_digest(self.password, _to_bytes(password))
+
+
+@implementer(IMasterUserCredentials)
+class MasterUserCredentials:
+    """
+    PLAIN with C{authzid != authcid}: C{master} proves C{password} and asks to
+    be C{username}.  See L{popservice.sasl.plain.MasterUserChecker}.
+    """
+
+    def __init__(self, username: bytes, master: bytes, password: bytes) -> None:
+        self.username = username
+        self.master = master
+        self.password = password
+
+    def __repr__(self) -> str:
+        return f"<MasterUserCredentials {self.master!r} as {self.username!r}>"
+
+    def master_credentials(self) -> IUsernamePassword:
+        return _MasterPassword(self.master, self.password)
+
+
+# ---------------------------------------------------------------------------
+# Secrets for mechanisms that verify proofs themselves
+# ---------------------------------------------------------------------------
+
+#: SCRAM verification data as C{scramp}'s C{auth_fn} wants it:
+#: C{(salt, stored_key, server_key, iterations)}.
+SCRAMSecret = tuple[bytes, bytes, bytes, int]
+
+
+class ISASLSecretSource(Interface):  # type: ignore[misc,unused-ignore]
+    """
+    A user database that can hand SASL mechanisms the secrets they verify
+    proofs against (SCRAM keys, a recoverable password for DIGEST-MD5).
+    Both return C{None} for unknown users, users who may not log in, and
+    users without such a secret.
+    """
+
+    def scram_secret(user: str, mechanism: str) -> SCRAMSecret | None:  # type: ignore[empty-body,unused-ignore]
+        """C{(salt, stored_key, server_key, iterations)} for C{mechanism}
+        (C{"SCRAM-SHA-1"} or C{"SCRAM-SHA-256"})."""
+
+    def sasl_password(user: str) -> bytes | None:  # type: ignore[empty-body,unused-ignore]
+        """The plaintext password of C{user}, if stored recoverably."""

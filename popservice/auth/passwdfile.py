@@ -29,7 +29,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -55,6 +55,8 @@ from zope.interface import implementer  # type: ignore[import-untyped,unused-ign
 from popservice.auth.credentials import (
     CRAM_MD5_CONTEXT_LEN,
     IHMACMD5ContextCredentials,
+    ISASLSecretSource,
+    SCRAMSecret,
     hmac_md5_context,
 )
 from popservice.interfaces import IUserDirectory
@@ -72,6 +74,8 @@ __all__ = [
     "parse_passwd_file",
     "parse_passwd_line",
     "parse_scram_secret",
+    "scram_extra_fields",
+    "scram_keys",
     "split_scheme",
     "verify_password",
 ]
@@ -389,13 +393,52 @@ def _ssha256(pw: bytes) -> str:
     return base64.b64encode(hashlib.sha256(pw + salt).digest() + salt).decode("ascii")
 
 
-def _scram_sha256(pw: bytes) -> str:
-    salt = secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", pw, salt, SCRAM_ITERATIONS)
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    fields = [salt, hashlib.sha256(client_key).digest(), server_key]
-    return ",".join([str(SCRAM_ITERATIONS)] + [base64.b64encode(f).decode("ascii") for f in fields])
+_SCRAM_HASHES = {"SCRAM-SHA-1": "sha1", "SCRAM-SHA-256": "sha256"}
+
+#: The extra field holding a user's SCRAM secret for each mechanism, for
+#: users whose password field uses another scheme (see L{scram_extra_fields}).
+SCRAM_EXTRA_FIELDS = {"SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-1": "scram_sha1"}
+
+
+def scram_keys(
+    password: bytes | str, mechanism: str = "SCRAM-SHA-256", salt: bytes | None = None,
+    iterations: int | None = None,
+) -> tuple[bytes, bytes, bytes, int]:
+    """
+    SCRAM verification data for C{password} (RFC 5802 section 3):
+    C{(salt, stored_key, server_key, iterations)}, the order C{scramp}'s
+    C{auth_fn} wants.  The password is used as UTF-8 bytes without SASLprep,
+    as Dovecot does (identical for ASCII passwords).
+    """
+    algorithm = _SCRAM_HASHES[mechanism]
+    salt = secrets.token_bytes(16) if salt is None else salt
+    iterations = SCRAM_ITERATIONS if iterations is None else iterations
+    salted = hashlib.pbkdf2_hmac(algorithm, _to_bytes(password), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", algorithm).digest()
+    server_key = hmac.new(salted, b"Server Key", algorithm).digest()
+    return salt, hashlib.new(algorithm, client_key).digest(), server_key, iterations
+
+
+def _scram_secret(mechanism: str) -> Callable[[bytes], str]:
+    def generate(pw: bytes) -> str:
+        salt, stored_key, server_key, iterations = scram_keys(pw, mechanism)
+        fields = [salt, stored_key, server_key]
+        return ",".join([str(iterations)] + [base64.b64encode(f).decode("ascii") for f in fields])
+
+    return generate
+
+
+_scram_sha256 = _scram_secret("SCRAM-SHA-256")
+
+
+def scram_extra_fields(password: bytes | str, mechanisms: Iterable[str] = ("SCRAM-SHA-256", "SCRAM-SHA-1")) -> str:
+    """
+    Extra fields (C{scram_sha256=ITER,SALT,STOREDKEY,SERVERKEY ...}) storing
+    SCRAM secrets next to a password hash of another scheme, so SCRAM works
+    for users whose password field is e.g. ARGON2ID.
+    """
+    pw = _to_bytes(password)
+    return " ".join(f"{SCRAM_EXTRA_FIELDS[m]}={_scram_secret(m)(pw)}" for m in mechanisms)
 
 
 def _argon2(variant: str) -> Callable[[bytes], str]:
@@ -431,6 +474,7 @@ _GENERATORS: dict[str, Callable[[bytes], str]] = {
     "SSHA256": _ssha256,
     "CRAM-MD5": lambda pw: hmac_md5_context(pw).hex(),
     "SCRAM-SHA-256": _scram_sha256,
+    "SCRAM-SHA-1": _scram_secret("SCRAM-SHA-1"),
 }
 
 #: Schemes L{hash_password} can produce.
@@ -617,7 +661,7 @@ def _representative_hash(records: Mapping[str, PasswdRecord]) -> str | None:
 _StatKey = tuple[int, int, int, int]
 
 
-@implementer(ICredentialsChecker, IUserDirectory)
+@implementer(ICredentialsChecker, IUserDirectory, ISASLSecretSource)
 class PasswdFileChecker:
     """
     Check credentials against a Dovecot passwd-file, re-read when it changes
@@ -727,6 +771,53 @@ class PasswdFileChecker:
             return None
         _scheme, encoding, secret = split_scheme(rec.password)
         return _decode_plain(secret, encoding)
+
+    # -- ISASLSecretSource -------------------------------------------------
+
+    def _usable(self, user: str) -> PasswdRecord | None:
+        rec = self.record(user)
+        if rec is None or rec.scheme is None or "nologin" in rec.extra:
+            return None
+        return rec
+
+    def sasl_password(self, user: str) -> bytes | None:
+        """The plaintext password of C{user} (PLAIN scheme) if C{user} may log in."""
+        return self.recoverable_password(user) if self._usable(user) is not None else None
+
+    def scram_secret(self, user: str, mechanism: str = "SCRAM-SHA-256") -> SCRAMSecret | None:
+        """
+        SCRAM verification data C{(salt, stored_key, server_key, iterations)}
+        of C{user} for C{mechanism} (C{SCRAM-SHA-1} or C{SCRAM-SHA-256}),
+        from, in order: a password field of that scheme, the extra field
+        C{scram_sha256=} / C{scram_sha1=} (same C{iter,salt,stored,server}
+        format, an optional C{{SCHEME}} prefix allowed), or derived now from a
+        PLAIN password (random salt).  C{None} for unknown users, C{nologin}
+        users and users without a usable secret.
+        """
+        rec = self._usable(user)
+        if rec is None or mechanism not in _SCRAM_HASHES:
+            return None
+        secret: str | None = None
+        if rec.scheme == mechanism:
+            secret = split_scheme(rec.password)[2]
+        else:
+            extra = rec.extra.get(SCRAM_EXTRA_FIELDS[mechanism])
+            if extra:
+                prefix = "{" + mechanism + "}"
+                secret = extra[len(prefix):] if extra.upper().startswith(prefix) else extra
+        if secret is not None:
+            try:
+                iterations, salt, stored_key, server_key = parse_scram_secret(secret)
+            except ValueError:
+                log.warn("passwd-file {path!r}:{lineno}: malformed {mechanism} secret",
+                         path=self.path, lineno=rec.lineno, mechanism=mechanism)
+                return None
+            return salt, stored_key, server_key, iterations
+        if rec.recoverable:
+            password = self.recoverable_password(user)
+            if password is not None:
+                return scram_keys(password, mechanism)
+        return None
 
     # -- ICredentialsChecker ----------------------------------------------
 

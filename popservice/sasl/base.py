@@ -10,8 +10,9 @@ L{Failed} (sent as C{-ERR [AUTH]}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
@@ -52,7 +53,7 @@ class SASLContext:
 
     hostname: str
     tls: bool
-    peer: Optional[str] = None
+    peer: str | None = None
     #: the client's TLS certificate (an OpenSSL X509), for EXTERNAL
     peer_certificate: Any = None
     #: the credentials checkers of the portal (a mechanism may look for one
@@ -68,7 +69,7 @@ class ISASLServerMechanism(Interface):
     name = Attribute("The IANA mechanism name, upper case, e.g. 'PLAIN'.")
     plaintext = Attribute("True if the secret crosses the wire recoverably (needs TLS or trust).")
 
-    def step(response: Optional[bytes]) -> "SASLStep | Deferred[SASLStep]":
+    def step(response: bytes | None) -> "SASLStep | Deferred[SASLStep]":
         """
         Process the client's response (C{None} for no initial response, C{b""}
         for an empty one) and say what comes next.

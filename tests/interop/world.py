@@ -349,6 +349,13 @@ class World:
         self.process: subprocess.Popen[bytes] | None = None
         self.port = self.tls_port = 0
 
+    def untrusted_cert(self) -> str:
+        """A different self-signed certificate for localhost: trusting it must not verify the server."""
+        d = os.path.join(self.root, "other-tls")
+        if not os.path.exists(os.path.join(d, "cert.pem")):
+            make_self_signed(d, hostname="localhost")
+        return os.path.join(d, "cert.pem")
+
     # building
 
     def add_user(self, name: str, password: str, messages: Iterable[tuple[str, bytes]] = ()) -> User:
