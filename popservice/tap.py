@@ -16,7 +16,7 @@ from typing import Any
 
 from OpenSSL import crypto
 from twisted.application import service, strports
-from twisted.cred import credentials, strcred
+from twisted.cred import checkers, credentials, strcred
 from twisted.internet import ssl
 from twisted.python import usage
 
@@ -49,6 +49,18 @@ def make_store(description: str, lock: str) -> IMailStore:
         store: IMailStore = MaildirStore.from_description(description, lock_policy=lock)
         return store
     raise usage.UsageError("unknown mail store %r (supported: maildir:PATH)" % (kind,))
+
+
+def _bytes_users(checker: Any) -> None:
+    """
+    strcred's C{memory:} checker stores str names and passwords, while POP3
+    credentials (like Twisted's own) carry bytes: store them as bytes.
+    """
+    if isinstance(checker, checkers.InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode("utf-8") if isinstance(k, str) else k): (v.encode("utf-8") if isinstance(v, str) else v)
+            for k, v in checker.users.items()
+        }
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -101,6 +113,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--tls-certificate and --tls-key go together")
         if self["lock"] not in ("exclusive", "none"):
             raise usage.UsageError("--lock must be exclusive or none")
+        for checker in self["credCheckers"]:
+            _bytes_users(checker)
         try:
             self["trusted-networks"] = parse_networks(self["trusted-networks"])
         except ValueError as e:

@@ -77,6 +77,17 @@ class POP3ServerFactory(ServerFactory):
     def connection_closed(self, protocol: POP3ServerProtocol) -> None:
         self.connections.discard(protocol)
 
+    def stopFactory(self) -> None:
+        """
+        The last listening port closed (service stop): end every session
+        without UPDATE, so mailbox locks are released and nothing is deleted.
+        """
+        for connection in list(self.connections):
+            connection.end_reason = "server shutdown"
+            transport: Any = connection.transport
+            if transport is not None:
+                transport.abortConnection()
+
 
 def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
                config: ServerConfig | None = None, *, lock_grace: float = 60.0,
