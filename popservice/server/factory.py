@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 
 from popservice import __version__
+from popservice.auth.chain import CheckerChain, chain_checkers
 from popservice.interfaces import IMailStore, ISessionObserver, IUserDirectory
 from popservice.sasl.base import MechanismFactory, VerifiedChecker
 from popservice.server.events import LogObserver
@@ -77,6 +78,15 @@ class POP3ServerFactory(ServerFactory):
     def connection_closed(self, protocol: POP3ServerProtocol) -> None:
         self.connections.discard(protocol)
 
+    def all_checkers(self) -> tuple[Any, ...]:
+        """Every checker of the portal, chains unrolled (SASL mechanisms look for secrets here)."""
+        out: list[Any] = []
+        for checker in self.portal.checkers.values():
+            for c in (checker.checkers if isinstance(checker, CheckerChain) else [checker]):
+                if c not in out:
+                    out.append(c)
+        return tuple(out)
+
     def stopFactory(self) -> None:
         """
         The last listening port closed (service stop): end every session
@@ -98,10 +108,12 @@ def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
     that also provides L{IUserDirectory} supplies home directories for C{~}.
     """
     checkers = list(checkers)
+    directory = next((c for c in checkers if IUserDirectory.providedBy(c)), None)
+    # Several --auth sources are tried in order (a Portal alone keeps only the last).
+    portal_checkers = chain_checkers(checkers)
     if config is not None and config.sasl:
         # Mechanisms that verify proofs themselves (SCRAM, tokens) log in with these.
-        checkers.append(VerifiedChecker())
-    directory = next((c for c in checkers if IUserDirectory.providedBy(c)), None)
+        portal_checkers.append(VerifiedChecker())
     registry = SessionRegistry(grace=lock_grace, enabled=exclusive)
-    portal = Portal(MailRealm(store, directory, registry), checkers)
+    portal = Portal(MailRealm(store, directory, registry), portal_checkers)
     return POP3ServerFactory(portal, config, observer=observer, registry=registry, clock=clock)

@@ -454,7 +454,7 @@ class POP3ServerProtocol(Protocol):
                     certificate = None
         return SASLContext(hostname=self.factory.config.hostname, tls=self.tls, peer=self.peer_host,
                            peer_certificate=certificate,
-                           checkers=tuple(self.factory.portal.checkers.values()),
+                           checkers=self.factory.all_checkers(),
                            services=self.factory.config.sasl_services)
 
     def _sasl_line(self, line: bytes) -> None:

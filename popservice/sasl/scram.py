@@ -1,0 +1,171 @@
+# -*- test-case-name: tests.test_sasl_mechanisms -*-
+"""
+SCRAM-SHA-1 (RFC 5802) and SCRAM-SHA-256 (RFC 7677), server side, on
+C{scramp}.
+
+The exchange::
+
+    C: n,,n=user,r=CNONCE                         (initial response or after "+ ")
+    S: + r=CNONCE SNONCE,s=SALT,i=4096
+    C: c=biws,r=CNONCE SNONCE,p=PROOF
+    S: + v=SERVERSIGNATURE                        (server-final, a challenge)
+    C: (empty)
+    S: +OK                                        Authenticated(Verified(user, name))
+
+Secrets come from a checker of the portal providing L{ISASLSecretSource}
+(L{PasswdFileChecker.scram_secret}: a C{{SCRAM-SHA-256}} password field, the
+C{scram_sha256=} / C{scram_sha1=} extra fields, or derived from a PLAIN
+password).  No plaintext is needed once the keys are stored.
+
+Unknown users (and users without SCRAM secrets) get a server-first with a
+salt derived from a per-process key and the user name, so the first
+challenge looks the same for everyone; such exchanges always fail at the
+client-final.  A wrong proof, a client-final whose nonce is not this
+exchange's (replayed or tampered), channel binding (C{p=}, not offered) or an
+authorization identity different from the user all end in L{Failed}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from typing import Optional
+
+import scramp
+from zope.interface import implementer
+
+from popservice.auth.credentials import SCRAMSecret
+from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
+from popservice.sasl.common import MechanismBase, log, secret_source
+
+__all__ = ["ScramMechanismBase", "ScramSHA1Mechanism", "ScramSHA256Mechanism"]
+
+#: Key for the fake salts of unknown users (stable for the process lifetime).
+_FAKE_SALT_KEY = secrets.token_bytes(32)
+_FAKE_ITERATIONS = 4096
+
+
+def _unescape_saslname(text: str) -> str | None:
+    """RFC 5802 saslname: C{=2C} is C{,}, C{=3D} is C{=}; any other C{=} is an error."""
+    out = []
+    i = 0
+    while i < len(text):
+        if text[i] == "=":
+            code = text[i + 1 : i + 3]
+            if code == "2C":
+                out.append(",")
+            elif code == "3D":
+                out.append("=")
+            else:
+                return None
+            i += 3
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+class ScramMechanismBase(MechanismBase):
+    """One SCRAM exchange; subclasses set C{name}."""
+
+    plaintext = False
+
+    def __init__(self, context: SASLContext) -> None:
+        super().__init__(context)
+        self._server: scramp.core.ScramServer | None = None
+        self._stage = 0
+        self._user: str | None = None
+        self._authzid: str | None = None
+        self._fake = False
+
+    def _auth_fn(self, user: str) -> SCRAMSecret:
+        self._user = user
+        source = secret_source(self.context)
+        secret: SCRAMSecret | None = None
+        if source is None:
+            log.error("{mech} needs a checker providing ISASLSecretSource (e.g. a passwd-file)",
+                      mech=self.name)
+        else:
+            secret = source.scram_secret(user, self.name)
+        if secret is None:
+            self._fake = True
+            digest = hmac.new(_FAKE_SALT_KEY, (self.name + "\x00" + user).encode("utf-8"),
+                              hashlib.sha256).digest()
+            size = 20 if self.name == "SCRAM-SHA-1" else 32
+            return digest[:16], secrets.token_bytes(size), secrets.token_bytes(size), _FAKE_ITERATIONS
+        return secret
+
+    def step(self, response: Optional[bytes]) -> SASLStep:
+        if self.finished:
+            return self.wrong_state()
+        if self._stage == 0 and response is None:
+            # Client-first mechanism without an initial response: ask for it.
+            self._stage = 1
+            return Challenge(b"")
+        if response is None:
+            return self.wrong_state()
+        if self._stage in (0, 1):
+            return self._client_first(response)
+        if self._stage == 2:
+            return self._client_final(response)
+        # Stage 3: the client has checked our signature; it must answer empty.
+        if response != b"" or self._user is None:
+            return self.fail("Unexpected response")
+        return self.succeed(Verified(self._user, self.name))
+
+    def _client_first(self, response: bytes) -> SASLStep:
+        try:
+            text = response.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.fail("Malformed SCRAM message")
+        parts = text.split(",", 2)
+        if len(parts) != 3:
+            return self.fail("Malformed SCRAM message")
+        if parts[1]:
+            if not parts[1].startswith("a="):
+                return self.fail("Malformed SCRAM message")
+            self._authzid = _unescape_saslname(parts[1][2:])
+            if not self._authzid:
+                return self.fail("Malformed SCRAM message")
+        server = scramp.ScramMechanism(self.name).make_server(self._auth_fn)
+        try:
+            server.set_client_first(text)
+            server_first = server.get_server_first()
+        except scramp.ScramException as e:
+            log.debug("{mech} client-first refused: {why}", mech=self.name, why=str(e))
+            return self.fail("Malformed SCRAM message")
+        if self._authzid is not None and self._authzid != self._user:
+            return self.fail("Authorization identity refused")
+        self._server = server
+        self._stage = 2
+        return Challenge(server_first.encode("utf-8"))
+
+    def _client_final(self, response: bytes) -> SASLStep:
+        assert self._server is not None
+        try:
+            text = response.decode("utf-8")
+            self._server.set_client_final(text)
+            server_final = self._server.get_server_final()
+        except (UnicodeDecodeError, scramp.ScramException) as e:
+            log.debug("{mech} client-final refused: {why}", mech=self.name, why=str(e))
+            return self.fail()
+        if self._fake:
+            # Cannot happen with random keys, but never let a fake secret through.
+            return self.fail()
+        self._stage = 3
+        return Challenge(server_final.encode("utf-8"))
+
+
+@implementer(ISASLServerMechanism)
+class ScramSHA1Mechanism(ScramMechanismBase):
+    """SCRAM-SHA-1 (RFC 5802)."""
+
+    name = "SCRAM-SHA-1"
+
+
+@implementer(ISASLServerMechanism)
+class ScramSHA256Mechanism(ScramMechanismBase):
+    """SCRAM-SHA-256 (RFC 7677)."""
+
+    name = "SCRAM-SHA-256"
