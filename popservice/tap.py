@@ -57,9 +57,10 @@ def _bytes_users(checker: Any) -> None:
     credentials (like Twisted's own) carry bytes: store them as bytes.
     """
     if isinstance(checker, checkers.InMemoryUsernamePasswordDatabaseDontUse):
+        users: dict[Any, Any] = checker.users
         checker.users = {
             (k.encode("utf-8") if isinstance(k, str) else k): (v.encode("utf-8") if isinstance(v, str) else v)
-            for k, v in checker.users.items()
+            for k, v in users.items()
         }
 
 

@@ -8,7 +8,8 @@ L{CheckerChain} asks each checker in turn until one accepts.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -28,7 +29,7 @@ class CheckerChain:
                     interfaces.append(interface)
         self.credentialInterfaces = tuple(interfaces)
 
-    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[Any]":  # type: ignore[override]
+    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[Any]":
         candidates = [c for c in self.checkers
                       if any(i.providedBy(credentials) for i in c.credentialInterfaces)]
 

@@ -431,7 +431,9 @@ def _scram_secret(mechanism: str) -> Callable[[bytes], str]:
 _scram_sha256 = _scram_secret("SCRAM-SHA-256")
 
 
-def scram_extra_fields(password: bytes | str, mechanisms: Iterable[str] = ("SCRAM-SHA-256", "SCRAM-SHA-1")) -> str:
+def scram_extra_fields(
+    password: bytes | str, mechanisms: Iterable[str] = ("SCRAM-SHA-256", "SCRAM-SHA-1")
+) -> str:
     """
     Extra fields (C{scram_sha256=ITER,SALT,STOREDKEY,SERVERKEY ...}) storing
     SCRAM secrets next to a password hash of another scheme, so SCRAM works

@@ -214,6 +214,7 @@ def load_keys(data: bytes) -> list[JWK]:
         kind = block[start + 11 : kind_end]
         end_marker = b"-----END " + kind + b"-----"
         pem = block[start:] + end_marker
+        public: Any
         if kind == b"CERTIFICATE":
             from cryptography import x509
 
@@ -221,7 +222,8 @@ def load_keys(data: bytes) -> list[JWK]:
         elif kind == b"PUBLIC KEY":
             public = serialization.load_pem_public_key(pem)
         else:
-            raise ValueError("PEM block %r is not a public key or certificate" % (kind.decode("ascii", "replace"),))
+            name = kind.decode("ascii", "replace")
+            raise ValueError("PEM block %r is not a public key or certificate" % (name,))
         keys.append(JWK.from_public_key(public))
     if not keys:
         raise ValueError("no PEM public key, certificate or JWKS found")

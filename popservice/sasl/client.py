@@ -116,7 +116,7 @@ class ScramSHA256(ClientMechanism):
 
     def __init__(self, creds: SASLCredentials) -> None:
         super().__init__(creds)
-        import scramp  # type: ignore[import-untyped]
+        import scramp
 
         self._scramp = scramp
         self._client = scramp.ScramClient([self.name], creds.username, self._password())

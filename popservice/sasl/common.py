@@ -7,12 +7,13 @@ that makes a finished exchange refuse further steps.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 from twisted.cred.credentials import IUsernamePassword
 from twisted.logger import Logger
 
-from popservice.auth.credentials import ISASLSecretSource
+from popservice.auth.credentials import ISASLSecretSource, SCRAMSecret
 from popservice.sasl.base import Authenticated, Failed, SASLContext, SASLStep
 
 log = Logger(namespace="popservice.sasl")
@@ -25,21 +26,33 @@ def safe_hostname(hostname: str) -> str:
     return _UNSAFE_HOST.sub("", hostname)[:64] or "localhost"
 
 
-def secret_source(context: SASLContext) -> Any:
-    """The first checker of the portal providing L{ISASLSecretSource}, or C{None}."""
-    for checker in context.checkers:
-        if ISASLSecretSource.providedBy(checker):
-            return checker
+def secret_sources(context: SASLContext) -> list[Any]:
+    """The checkers of the portal providing L{ISASLSecretSource}, in order."""
+    return [c for c in context.checkers if ISASLSecretSource.providedBy(c)]
+
+
+def scram_secret(context: SASLContext, user: str, mechanism: str) -> SCRAMSecret | None:
+    """The first SCRAM secret of C{user} any secret source has."""
+    for source in secret_sources(context):
+        secret = source.scram_secret(user, mechanism)
+        if secret is not None:
+            return cast(SCRAMSecret, secret)
     return None
 
 
-def password_checker(context: SASLContext) -> Any:
-    """The first checker of the portal that verifies L{IUsernamePassword}, or C{None}."""
-    for checker in context.checkers:
-        interfaces = getattr(checker, "credentialInterfaces", ())
-        if any(IUsernamePassword.isOrExtends(i) for i in interfaces):
-            return checker
+def sasl_password(context: SASLContext, user: str) -> bytes | None:
+    """The first recoverable password of C{user} any secret source has."""
+    for source in secret_sources(context):
+        password = source.sasl_password(user)
+        if password is not None:
+            return bytes(password)
     return None
+
+
+def password_checkers(checkers: Iterable[Any]) -> list[Any]:
+    """The checkers among C{checkers} that verify L{IUsernamePassword}, in order."""
+    return [c for c in checkers
+            if any(IUsernamePassword.isOrExtends(i) for i in getattr(c, "credentialInterfaces", ()))]
 
 
 def utf8(data: bytes) -> str | None:

@@ -9,8 +9,6 @@ password or a C{{CRAM-MD5}} (HMAC-MD5 context) secret, in constant time.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from zope.interface import implementer
 
 from popservice.auth.credentials import CramMD5Credentials
@@ -32,7 +30,7 @@ class CramMD5Mechanism(MechanismBase):
         self.credentials = CramMD5Credentials(host=safe_hostname(context.hostname))
         self._challenged = False
 
-    def step(self, response: Optional[bytes]) -> SASLStep:
+    def step(self, response: bytes | None) -> SASLStep:
         if self.finished:
             return self.wrong_state()
         if not self._challenged:

@@ -21,12 +21,11 @@ import base64
 import hashlib
 import hmac
 import secrets
-from typing import Optional
 
 from zope.interface import implementer
 
 from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
-from popservice.sasl.common import MechanismBase, log, secret_source
+from popservice.sasl.common import MechanismBase, log, sasl_password, secret_sources
 
 __all__ = ["DigestMD5Mechanism", "parse_directives"]
 
@@ -148,7 +147,7 @@ class DigestMD5Mechanism(MechanismBase):
         return (b"realm=" + _quote(self.realm) + b',nonce="' + self.nonce
                 + b'",qop="auth",charset=utf-8,algorithm=md5-sess')
 
-    def step(self, response: Optional[bytes]) -> SASLStep:
+    def step(self, response: bytes | None) -> SASLStep:
         if self.finished:
             return self.wrong_state()
         if self._stage == 0:
@@ -199,10 +198,9 @@ class DigestMD5Mechanism(MechanismBase):
             return self.fail("Wrong digest-uri")
         if authzid and authzid.decode("utf-8", "replace") != username:
             return self.fail("Authorization identity refused")
-        source = secret_source(self.context)
-        password_bytes = source.sasl_password(username) if source is not None else None
-        if source is None:
+        if not secret_sources(self.context):
             log.error("DIGEST-MD5 needs a checker providing ISASLSecretSource (e.g. a passwd-file)")
+        password_bytes = sasl_password(self.context, username)
         genuine = password_bytes is not None
         try:
             password = (password_bytes or secrets.token_bytes(16).hex().encode()).decode("utf-8")

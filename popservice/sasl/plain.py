@@ -31,18 +31,18 @@ portal directly (e.g. for a Dovecot-style C{USER target*master} login).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, Optional, Union, cast
+from typing import Any, Union, cast
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from popservice.auth.chain import CheckerChain
 from popservice.auth.credentials import IMasterUserCredentials, MasterUserCredentials
 from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
-from popservice.sasl.common import MechanismBase, log, utf8
+from popservice.sasl.common import MechanismBase, log, password_checkers, utf8
 from popservice.server.login import PlainCredentials
 
 __all__ = ["LoginMechanism", "MasterRule", "MasterUserChecker", "PlainMechanism", "master_rule"]
@@ -80,11 +80,9 @@ class MasterUserChecker:
         resolved = master_rule(rule)
         assert resolved is not None
         self.rule: MasterRule = resolved
-        self.checker = next(
-            (c for c in checkers
-             if any(IUsernamePassword.isOrExtends(i) for i in getattr(c, "credentialInterfaces", ()))),
-            None,
-        )
+        candidates = password_checkers(checkers)
+        self.checker: Any = (None if not candidates else candidates[0] if len(candidates) == 1
+                             else CheckerChain(candidates))
 
     def requestAvatarId(self, credentials: Any) -> "defer.Deferred[str]":  # type: ignore[override]
         master = utf8(bytes(credentials.master))
@@ -138,7 +136,7 @@ class PlainMechanism(MechanismBase):
         super().__init__(context)
         self._asked = False
 
-    def step(self, response: Optional[bytes]) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
+    def step(self, response: bytes | None) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
         if self.finished:
             return self.wrong_state()
         if response is None:
@@ -186,7 +184,7 @@ class LoginMechanism(MechanismBase):
         self._username: bytes | None = None
         self._started = False
 
-    def step(self, response: Optional[bytes]) -> SASLStep:
+    def step(self, response: bytes | None) -> SASLStep:
         if self.finished:
             return self.wrong_state()
         if not self._started:

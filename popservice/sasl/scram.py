@@ -30,14 +30,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from typing import Optional
 
 import scramp
 from zope.interface import implementer
 
 from popservice.auth.credentials import SCRAMSecret
 from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
-from popservice.sasl.common import MechanismBase, log, secret_source
+from popservice.sasl.common import MechanismBase, log, scram_secret, secret_sources
 
 __all__ = ["ScramMechanismBase", "ScramSHA1Mechanism", "ScramSHA256Mechanism"]
 
@@ -81,13 +80,10 @@ class ScramMechanismBase(MechanismBase):
 
     def _auth_fn(self, user: str) -> SCRAMSecret:
         self._user = user
-        source = secret_source(self.context)
-        secret: SCRAMSecret | None = None
-        if source is None:
+        if not secret_sources(self.context):
             log.error("{mech} needs a checker providing ISASLSecretSource (e.g. a passwd-file)",
                       mech=self.name)
-        else:
-            secret = source.scram_secret(user, self.name)
+        secret = scram_secret(self.context, user, self.name)
         if secret is None:
             self._fake = True
             digest = hmac.new(_FAKE_SALT_KEY, (self.name + "\x00" + user).encode("utf-8"),
@@ -96,7 +92,7 @@ class ScramMechanismBase(MechanismBase):
             return digest[:16], secrets.token_bytes(size), secrets.token_bytes(size), _FAKE_ITERATIONS
         return secret
 
-    def step(self, response: Optional[bytes]) -> SASLStep:
+    def step(self, response: bytes | None) -> SASLStep:
         if self.finished:
             return self.wrong_state()
         if self._stage == 0 and response is None:

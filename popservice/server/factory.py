@@ -22,7 +22,7 @@ from popservice.auth.chain import CheckerChain, chain_checkers
 from popservice.interfaces import IMailStore, ISessionObserver, IUserDirectory
 from popservice.sasl.base import MechanismFactory, VerifiedChecker
 from popservice.server.events import LogObserver
-from popservice.server.policy import Policy
+from popservice.server.policy import PeerTracker, Policy
 from popservice.server.protocol import POP3ServerProtocol
 from popservice.server.realm import MailRealm, SessionRegistry
 
@@ -71,6 +71,9 @@ class POP3ServerFactory(ServerFactory):
         )
         self.clock: IReactorTime = clock
         self.connections: set[POP3ServerProtocol] = set()
+        self.peers = PeerTracker()
+        #: user -> time of the last successful login (RFC 2449 LOGIN-DELAY)
+        self.last_login: dict[str, float] = {}
 
     def connection_opened(self, protocol: POP3ServerProtocol) -> None:
         self.connections.add(protocol)

@@ -35,6 +35,16 @@ class Policy:
     #: failed or illegal commands before the connection is closed
     max_bad_commands_before_login: int = 10
     max_bad_commands_after_login: int = 50
+    #: concurrent connections in all (then -ERR [SYS/TEMP] and close)
+    max_connections: int = 10000
+    #: concurrent connections from one untrusted address
+    max_connections_per_ip: int = 50
+    #: seconds a TLS handshake may take (implicit TLS and STLS)
+    handshake_timeout: float = 10.0
+    #: seconds between two logins of a user (RFC 2449 LOGIN-DELAY); 0: none
+    login_delay: int = 0
+    #: days a retrieved message is kept (RFC 2449 EXPIRE); None: never
+    expire: "int | None" = None
 
     def is_trusted(self, host: "str | None") -> bool:
         """Loopback and configured trusted networks."""
@@ -59,8 +69,59 @@ class Policy:
         """
         return tls or self.allow_plaintext_auth or self.is_trusted(host)
 
+    def admit(self, host: "str | None", tracker: "PeerTracker") -> "str | None":
+        """Why a new connection must be refused, or None to accept it."""
+        if tracker.total >= self.max_connections:
+            return "Too many connections, try again later"
+        if host is not None and not self.is_trusted(host) \
+                and tracker.connections.get(host, 0) >= self.max_connections_per_ip:
+            return "Too many connections from your address"
+        return None
+
     def delay_after(self, failures: int) -> float:
         """Seconds to wait before answering the C{failures}-th failed login."""
         if failures <= 0 or self.failure_delay <= 0:
             return 0.0
         return float(min(self.failure_delay * 2 ** (failures - 1), self.max_failure_delay))
+
+
+class PeerTracker:
+    """
+    Per-address state with bounded memory: concurrent connections and recent
+    login failures.  Failures are forgotten C{window} seconds after the last one.
+    """
+
+    def __init__(self, window: float = 600.0, max_addresses: int = 100000) -> None:
+        self.window = window
+        self.max_addresses = max_addresses
+        self.connections: dict[str, int] = {}
+        self._failures: dict[str, tuple[int, float]] = {}
+        self.total = 0
+
+    def connected(self, host: str) -> None:
+        self.connections[host] = self.connections.get(host, 0) + 1
+        self.total += 1
+
+    def disconnected(self, host: str) -> None:
+        left = self.connections.get(host, 0) - 1
+        if left > 0:
+            self.connections[host] = left
+        else:
+            self.connections.pop(host, None)
+        self.total -= 1
+
+    def failures(self, host: str, now: float) -> int:
+        count, last = self._failures.get(host, (0, 0.0))
+        if count and now - last > self.window:
+            del self._failures[host]
+            return 0
+        return count
+
+    def failed(self, host: str, now: float) -> int:
+        count = self.failures(host, now) + 1
+        if host not in self._failures and len(self._failures) >= self.max_addresses:
+            # Forget the oldest address (dicts keep insertion order).
+            self._failures.pop(next(iter(self._failures)))
+        self._failures.pop(host, None)
+        self._failures[host] = (count, now)
+        return count

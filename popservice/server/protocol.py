@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from twisted.cred.credentials import ICredentials
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.mail import pop3 as twisted_pop3
@@ -81,6 +81,7 @@ class _Body:
     stream: IMessageStream
     encoder: wire.BodyEncoder
     top: wire.TopFilter | None
+    index: int = 0
     waiting: bool = False
     sent: int = 0
 
@@ -88,7 +89,7 @@ class _Body:
 Handler = Callable[["POP3ServerProtocol", wire.Command], bytes | None]
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class POP3ServerProtocol(Protocol):
     """One POP3 connection (RFC 1939, 2449, 2595)."""
 
@@ -123,6 +124,8 @@ class POP3ServerProtocol(Protocol):
         self._sasl: ISASLServerMechanism | None = None
         self._sasl_pending = False
         self._login_method = "USER"
+        self._rejected = False
+        self._handshake_call: IDelayedCall | None = None
 
     # ------------------------------------------------------------------
     # Connection life
@@ -134,6 +137,18 @@ class POP3ServerProtocol(Protocol):
         self.peer_host = getattr(peer, "host", None)
         self.tls = ISSLTransport.providedBy(transport)
         config = self.factory.config
+        refusal = config.policy.admit(self.peer_host, self.factory.peers)
+        if refusal is not None:
+            # RFC 2449 section 8: a temporary condition; the client may retry.
+            self._rejected = True
+            self._closing = True
+            self._event("refused", why=refusal)
+            transport.write(wire.err(refusal, "SYS/TEMP"))
+            transport.loseConnection()
+            return
+        self.factory.peers.connected(self.peer_host or "")
+        if self.tls:
+            self._start_handshake_timer()
         if config.apop and self._plaintext_allowed():
             self.auth = Authorization(apop_timestamp(config.hostname))
         transport.registerProducer(self, True)
@@ -172,7 +187,10 @@ class POP3ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
-        for call in (self._turn_call, self._idle_call, self._login_call):
+        if self._rejected:
+            return
+        self.factory.peers.disconnected(self.peer_host or "")
+        for call in (self._turn_call, self._idle_call, self._login_call, self._handshake_call):
             if call is not None and call.active():
                 call.cancel()
         if self._body is not None:
@@ -220,6 +238,23 @@ class POP3ServerProtocol(Protocol):
 
     # ------------------------------------------------------------------
     # Timeouts
+
+    def _start_handshake_timer(self) -> None:
+        """A TLS handshake must finish within a few seconds; bytes do not extend it."""
+        timeout = self.factory.config.policy.handshake_timeout
+        if timeout > 0:
+            self._handshake_call = self.factory.clock.callLater(timeout, self._handshake_timed_out)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done."""
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._event("tls_established")
+
+    def _handshake_timed_out(self) -> None:
+        self.end_reason = "TLS handshake timeout"
+        transport: Any = self.transport
+        transport.abortConnection()
 
     def _idle_timeout(self) -> float:
         timeout = float(self.factory.config.timeout)
@@ -368,10 +403,16 @@ class POP3ServerProtocol(Protocol):
 
     def capabilities(self) -> Capabilities:
         config = self.factory.config
+        extra = []
+        delay = self._login_delay(self.user)
+        if delay:
+            extra.append("LOGIN-DELAY %d" % (delay,))
+        expire = self._expire(self.user)
+        extra.append("EXPIRE %s" % ("NEVER" if expire is None else expire))
         return Capabilities(user=self._plaintext_allowed(),
                             stls=config.tls_context is not None and not self.tls,
                             sasl=tuple(self._mechanisms()),
-                            implementation=config.implementation)
+                            implementation=config.implementation, extra=extra)
 
     # -- AUTHORIZATION (RFC 1939 section 4, 7; RFC 2449; RFC 2595)
 
@@ -527,6 +568,7 @@ class POP3ServerProtocol(Protocol):
         transport.startTLS(context)
         transport.registerProducer(self, True)
         self.tls = True
+        self._start_handshake_timer()
         self._event("stls")
         return None
 
@@ -572,6 +614,17 @@ class POP3ServerProtocol(Protocol):
             # The client went away while we opened the mailbox.
             defer.maybeDeferred(session.mailbox.close)
             return
+        now = self.factory.clock.seconds()
+        delay = self._login_delay(name)
+        last = self.factory.last_login.get(name)
+        if delay > 0 and last is not None and now - last < delay:
+            # RFC 2449 section 8.1.1: checked after the credentials, enforced.
+            defer.maybeDeferred(session.mailbox.close)
+            self._event("login_delay", attempted=name, wait=int(delay - (now - last)))
+            self._write(wire.err("Minimum time between logins not reached", "LOGIN-DELAY"))
+            self._run()
+            return
+        self.factory.last_login[name] = now
         self.session = session
         self.user = name
         self.state = State.TRANSACTION
@@ -583,11 +636,41 @@ class POP3ServerProtocol(Protocol):
         self._write(wire.ok("Logged in, %d messages" % (len(session.listing),)))
         self._run()
 
+    def _user_setting(self, user: str | None, key: str) -> str | None:
+        """A per-user setting from a checker that knows user records (passwd-file extra fields)."""
+        if user is None:
+            return None
+        for checker in self.factory.all_checkers():
+            record = getattr(checker, "record", None)
+            if record is None:
+                continue
+            found = record(user)
+            value = getattr(found, "extra", {}).get(key) if found is not None else None
+            if value is not None:
+                return str(value)
+        return None
+
+    def _login_delay(self, user: str | None) -> int:
+        value = self._user_setting(user, "login_delay")
+        if value is not None and value.isdigit():
+            return int(value)
+        return self.factory.config.policy.login_delay
+
+    def _expire(self, user: str | None) -> int | None:
+        value = self._user_setting(user, "expire")
+        if value is not None:
+            return int(value) if value.isdigit() else None
+        return self.factory.config.policy.expire
+
     def _login_failed(self, failure: Failure, name: str, via: str = "USER") -> None:
         if failure.check(UnauthorizedLogin):
             self.auth.failures += 1
-            self._event("login_failed", attempted=name, failures=self.auth.failures, method=via)
-            delay = self.factory.config.policy.delay_after(self.auth.failures)
+            ip_failures = self.factory.peers.failed(self.peer_host or "", self.factory.clock.seconds())
+            self._event("login_failed", attempted=name, failures=self.auth.failures,
+                        ip_failures=ip_failures, method=via)
+            # The delay grows per failure on this connection and from this
+            # address; a correct password is never delayed (no lock-out by others).
+            delay = self.factory.config.policy.delay_after(max(self.auth.failures, ip_failures))
             if delay > 0:
                 self.factory.clock.callLater(delay, self._answer_failed_login)
             else:
@@ -680,7 +763,7 @@ class POP3ServerProtocol(Protocol):
                 session.stats.top += 1
                 self._write(wire.ok("Top of message follows"))
             top = wire.TopFilter(lines) if lines is not None else None
-            self._body = _Body(stream, wire.BodyEncoder(), top)
+            self._body = _Body(stream, wire.BodyEncoder(), top, index)
             self._run()
 
         def failed(failure: Failure) -> None:
@@ -738,6 +821,7 @@ class POP3ServerProtocol(Protocol):
             self._body = None
             if body.top is None:
                 session.stats.retr_bytes += body.sent
+                session.retrieved.add(body.index)
             else:
                 session.stats.top_bytes += body.sent
             self._reset_idle_timer()
@@ -747,6 +831,9 @@ class POP3ServerProtocol(Protocol):
         session = self._session()
         self.state = State.UPDATE
         self._waiting = True
+        if self._expire(self.user) == 0:
+            # RFC 2449 EXPIRE 0: a message may not be left on the server once retrieved.
+            session.deleted |= session.retrieved
 
         def failed(failure: Failure) -> bytes:
             self.log.failure("UPDATE failed for {user}", failure, user=self.user)

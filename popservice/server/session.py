@@ -36,6 +36,8 @@ class MailboxSession:
     mailbox: IMailbox
     listing: Sequence[MessageInfo]
     deleted: set[int] = field(default_factory=set)
+    #: messages retrieved completely with RETR in this session
+    retrieved: set[int] = field(default_factory=set)
     stats: SessionStats = field(default_factory=SessionStats)
     updated: bool = False
 

@@ -345,6 +345,7 @@ class World:
         os.chmod(self.cert, 0o644)
         self.log = os.path.join(self.root, "twistd.log")
         self.users: dict[str, User] = {}
+        self.extra_passwd: list[str] = []
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
         self.port = self.tls_port = 0
@@ -354,6 +355,8 @@ class World:
         d = os.path.join(self.root, "other-tls")
         if not os.path.exists(os.path.join(d, "cert.pem")):
             make_self_signed(d, hostname="localhost")
+            os.chmod(d, 0o755)
+            os.chmod(os.path.join(d, "cert.pem"), 0o644)
         return os.path.join(d, "cert.pem")
 
     # building
@@ -382,11 +385,22 @@ class World:
         self.add_user("bob", "bobpw", [])
         self.add_user("carol", "carolpw", simple_messages("carol", 3))
 
+    def add_passwd_line(self, line: str) -> None:
+        """An extra raw passwd-file line (for accounts with hostile names and no Maildir of their own)."""
+        self.extra_passwd.append(line)
+        self._write_passwd()
+
     def _write_passwd(self) -> None:
         with open(self.passwd, "w") as f:
             for u in self.users.values():
                 f.write("%s:{PLAIN}%s:::::\n" % (u.name, u.password))
+            for line in self.extra_passwd:
+                f.write(line + "\n")
         os.chmod(self.passwd, 0o644)
+
+    def log_text(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
 
     # inspecting
 
@@ -508,13 +522,21 @@ class World:
             return RawPOP(self.tls_port, implicit_tls=True, cafile=self.cert)
         return RawPOP(self.port)
 
-    def session(self, user: str, *, tls: bool = False) -> RawPOP:
-        c = self.connect(tls=tls)
-        r = c.login(user, self.users[user].password)
-        if not r.startswith(b"+OK"):
+    def session(self, user: str, *, tls: bool = False, wait_in_use: float = 5.0) -> RawPOP:
+        """
+        A logged-in raw session.  A mailbox still locked by a session that was
+        just dropped is retried for up to C{wait_in_use} seconds.
+        """
+        deadline = time.monotonic() + wait_in_use
+        while True:
+            c = self.connect(tls=tls)
+            r = c.login(user, self.users[user].password)
+            if r.startswith(b"+OK"):
+                return c
             c.close()
-            raise AssertionError("login as %s failed: %r" % (user, r))
-        return c
+            if not r.startswith(b"-ERR [IN-USE]") or time.monotonic() > deadline:
+                raise AssertionError("login as %s failed: %r" % (user, r))
+            time.sleep(0.05)
 
 
 class RssSampler:
