@@ -147,6 +147,42 @@ class ImplicitTLS(TLSTestCase):
         self.assertIn(b"secret body\r\n", retr)
 
 
+class ServerClosesAfterQuit(TLSTestCase):
+    """Regression: TLS kept the connection open after QUIT while our producer was registered."""
+
+    def quit_and_wait_eof(self, port: int, stls: bool) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            if stls:
+                recv_line(raw)
+                raw.sendall(b"STLS\r\n")
+                recv_line(raw)
+            with self.context.wrap_socket(raw, server_hostname="localhost") as tls:
+                if not stls:
+                    recv_line(tls)
+                tls.sendall(b"USER alice\r\nPASS secret\r\nQUIT\r\n")
+                recv_line(tls)
+                recv_line(tls)
+                answer = recv_line(tls)
+                self.assertEqual(tls.recv(100), b"")  # EOF from the server, no timeout
+        return answer
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_quit_closes(self) -> Any:
+        factory = make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy)
+        endpoint = endpoints.serverFromString(
+            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
+        port = yield endpoint.listen(factory)
+        self.addCleanup(shutdown, port, factory)
+        answer = yield self.blocking(self.quit_and_wait_eof, port.getHost().port, False)
+        self.assertTrue(answer.startswith(b"+OK"))
+
+    @defer.inlineCallbacks
+    def test_stls_quit_closes(self) -> Any:
+        port = self.start()
+        answer = yield self.blocking(self.quit_and_wait_eof, port, True)
+        self.assertTrue(answer.startswith(b"+OK"))
+
+
 class PlaintextPolicy(TLSTestCase):
     """A peer that is not trusted may not send passwords before STLS."""
 

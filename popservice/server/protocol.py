@@ -219,7 +219,11 @@ class POP3ServerProtocol(Protocol):
     def _close(self, reason: str) -> None:
         self.end_reason = reason
         self._closing = True
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        transport: Any = self.transport
+        # TLS does not close while a producer is registered: unregister first
+        # (what is already written is still flushed).
+        transport.unregisterProducer()
+        transport.loseConnection()
 
     # SessionHandle, for the registry's takeover of idle sessions
     def idle_seconds(self) -> float:

@@ -153,7 +153,9 @@ class GetmailTests(unittest.TestCase):
         self.check_all("alice")
 
     def test_pop3_apop(self) -> None:
+        before = self.world.log_text().count("method=APOP")
         self.check_all("alice", apop=True)
+        self.assertEqual(self.world.log_text().count("method=APOP"), before + 2)
 
     def test_pop3_ssl(self) -> None:
         self.check_all("alice", ssl=True)

@@ -79,8 +79,13 @@ class MpopTests(unittest.TestCase):
     def test_user_plaintext_loopback(self) -> None:
         self.check_all("alice", "--auth=user", "--tls=off")
 
+    def apop_logins(self) -> int:
+        return self.world.log_text().count("method=APOP")
+
     def test_apop(self) -> None:
+        before = self.apop_logins()
         self.check_all("alice", "--auth=apop", "--tls=off")
+        self.assertEqual(self.apop_logins(), before + 2)
 
     def test_stls(self) -> None:
         self.check_all("alice", "--auth=user", "--tls=on", "--tls-starttls=on",
@@ -91,8 +96,10 @@ class MpopTests(unittest.TestCase):
                        "--tls-trust-file=" + self.world.cert, port=self.world.tls_port)
 
     def test_implicit_tls_apop(self) -> None:
+        before = self.apop_logins()
         self.check_all("carol", "--auth=apop", "--tls=on", "--tls-starttls=off",
                        "--tls-trust-file=" + self.world.cert, port=self.world.tls_port)
+        self.assertEqual(self.apop_logins(), before + 2)
 
     def test_untrusted_certificate(self) -> None:
         p = self.mpop("alice", "--auth=user", "--tls=on", "--tls-starttls=on",

@@ -193,6 +193,7 @@ class RobustnessTests(unittest.TestCase):
                 s.close()
 
         self.addCleanup(close_all)
+        rss = RssSampler(self.world, 0.02).__enter__()
         for _ in range(200):
             s = socket.create_connection(("127.0.0.1", self.world.port), timeout=TIMEOUT)
             s.setblocking(False)
@@ -212,11 +213,15 @@ class RobustnessTests(unittest.TestCase):
                 if not pending[s]:
                     del pending[s]
         start = time.monotonic()
-        self.assert_serving(within=2.0)
-        elapsed = time.monotonic() - start
+        try:
+            self.assert_serving(within=2.0)
+        finally:
+            elapsed = time.monotonic() - start
+            rss.__exit__()
         self.record("flood-junk.txt",
-                    "200 junk-pipelining connections (%.1f MiB sent, none read): a normal session took %.3f s, "
-                    "server RSS %.1f MiB" % (sent / MIB, elapsed, self.world.rss_kib() / 1024))
+                    "200 junk-pipelining connections (%.1f MiB sent, none read): a normal session took %.3f s; "
+                    "server RSS baseline %.1f MiB, peak %.1f MiB, growth %.1f MiB"
+                    % (sent / MIB, elapsed, rss.baseline / 1024, rss.peak / 1024, rss.growth_kib / 1024))
         close_all()
         self.assertTrue(self.world.alive())
 
