@@ -131,12 +131,11 @@ class CommandError:
     reason: str
 
 
-_KEYWORD = re.compile(rb"[A-Za-z]{3,4}\Z")
-_DIGITS = re.compile(rb"[0-9]+\Z")
+_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
 
 
 def _parse_number(raw: bytes, kind: ArgKind) -> Union[int, str]:
-    if not _DIGITS.match(raw):
+    if not raw.isdigit():  # ASCII digits only, for bytes
         return "invalid number"
     if len(raw) > _MAX_DIGITS:
         return "no such message" if kind is ArgKind.MESSAGE else "invalid number"
@@ -157,7 +156,7 @@ def parse_command(line: bytes) -> Union[Command, CommandError]:
     if b"\x00" in line:
         return CommandError(None, "invalid characters in command")
     keyword_raw, sep, rest = line.partition(b" ")
-    if not _KEYWORD.match(keyword_raw):
+    if not 3 <= len(keyword_raw) <= 4 or not keyword_raw.isalpha():  # ASCII letters
         return CommandError(None, "unknown command")
     keyword = keyword_raw.decode("ascii").upper()
     spec = COMMANDS.get(keyword)
@@ -185,7 +184,7 @@ def parse_command(line: bytes) -> Union[Command, CommandError]:
         else:
             if len(raw) > spec.max_arg_length:
                 return CommandError(keyword, "argument too long")
-            if any(b < 0x21 or b == 0x7F for b in raw):
+            if _CONTROL.search(raw):
                 return CommandError(keyword, "invalid characters in argument")
             args.append(raw.decode("utf-8", "surrogateescape"))
     return Command(keyword, tuple(args), spec)

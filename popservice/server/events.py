@@ -13,7 +13,7 @@ from zope.interface import implementer
 from popservice.interfaces import ISessionObserver
 
 #: events worth a log line; per-command events go to metrics observers only
-_INFO = {"connect", "login", "login_failed", "logout", "takeover", "update_failed", "error"}
+_INFO = {"login", "login_failed", "logout", "takeover", "update_failed", "error"}
 
 
 @implementer(ISessionObserver)

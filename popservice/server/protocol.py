@@ -267,12 +267,20 @@ class POP3ServerProtocol(Protocol):
         return timeout
 
     def _reset_idle_timer(self) -> None:
+        """
+        Note activity.  The timer itself is only moved when it fires early
+        (see L{_idle_check}): a float store per command, not a reschedule.
+        """
         self._last_activity = self.factory.clock.seconds()
-        delay = self._idle_timeout()
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(delay)
+        if self._idle_call is None or not self._idle_call.active():
+            self._idle_call = self.factory.clock.callLater(self._idle_timeout(), self._idle_check)
+
+    def _idle_check(self) -> None:
+        remaining = self._last_activity + self._idle_timeout() - self.factory.clock.seconds()
+        if remaining > 0:
+            self._idle_call = self.factory.clock.callLater(remaining, self._idle_check)
         else:
-            self._idle_call = self.factory.clock.callLater(delay, self._timed_out)
+            self._timed_out()
 
     def _timed_out(self) -> None:
         self._write(wire.err("Disconnected for inactivity", "SYS/TEMP"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -45,6 +46,7 @@ TIMEOUT = 60.0
 
 BASE_TS = 1700000000
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
+#: the server command; C{POPSERVICE_INTEROP_TWISTD} may replace it (a shell-quoted command prefix)
 TWISTD = os.path.join(VENV_BIN, "twistd")
 
 
@@ -440,8 +442,10 @@ class World:
         raise RuntimeError("no VmRSS for %d" % self.pid)
 
     def command_line(self) -> list[str]:
+        override = os.environ.get("POPSERVICE_INTEROP_TWISTD")
+        twistd = shlex.split(override) if override else [TWISTD]
         return [
-            TWISTD, "-n", "--pidfile=", "-l", self.log, "pop3",
+            *twistd, "-n", "--pidfile=", "-l", self.log, "pop3",
             "--mail", "maildir:%s/%%u" % self.mail,
             "--auth", "passwd-file:%s" % self.passwd,
             "--listen", "tcp:%d:interface=127.0.0.1" % self.port,
