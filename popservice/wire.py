@@ -156,7 +156,7 @@ def parse_command(line: bytes) -> Union[Command, CommandError]:
     if b"\x00" in line:
         return CommandError(None, "invalid characters in command")
     keyword_raw, sep, rest = line.partition(b" ")
-    if not 3 <= len(keyword_raw) <= 4 or not keyword_raw.isalpha():  # ASCII letters
+    if not 3 <= len(keyword_raw) <= 4 or not keyword_raw.isalnum():  # ASCII letters, digits (UTF8)
         return CommandError(None, "unknown command")
     keyword = keyword_raw.decode("ascii").upper()
     spec = COMMANDS.get(keyword)

@@ -124,6 +124,8 @@ class Top(unittest.TestCase):
 class Commands(unittest.TestCase):
     def test_case_insensitive(self) -> None:
         self.assertEqual(wire.parse_command(b"rEtR 12"), wire.Command("RETR", (12,)))
+        # Regression: keywords may contain digits (RFC 6856 UTF8).
+        self.assertEqual(wire.parse_command(b"utf8"), wire.Command("UTF8", ()))
 
     def test_argument_grammar(self) -> None:
         bad = [b"RETR", b"RETR 0", b"RETR -1", b"RETR 1x", b"RETR 1 2", b"RETR +1", b"RETR  1",

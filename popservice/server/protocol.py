@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
+from scramp.utils import saslprep
 from twisted.cred.credentials import ICredentials
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, ISSLTransport
@@ -46,6 +47,7 @@ from popservice.sasl.base import (
     SASLContext,
     SASLStep,
 )
+from popservice.server.i18n import LANGUAGES, choose, localise, translate
 from popservice.server.login import Authorization, Capabilities, UnauthorizedLogin, apop_timestamp
 from popservice.server.session import MailboxSession
 from popservice.states import State, legal
@@ -125,6 +127,9 @@ class POP3ServerProtocol(Protocol):
         self._sasl_pending = False
         self._login_method = "USER"
         self._rejected = False
+        #: RFC 6856: UTF8 mode and the language of response texts
+        self.utf8 = False
+        self.language = "en"
         self._handshake_call: IDelayedCall | None = None
 
     # ------------------------------------------------------------------
@@ -283,12 +288,12 @@ class POP3ServerProtocol(Protocol):
             self._timed_out()
 
     def _timed_out(self) -> None:
-        self._write(wire.err("Disconnected for inactivity", "SYS/TEMP"))
+        self._reply(wire.err("Disconnected for inactivity", "SYS/TEMP"))
         self._abort_soon("idle timeout")
 
     def _login_timed_out(self) -> None:
         if self.state is State.AUTHORIZATION:
-            self._write(wire.err("Login took too long", "AUTH"))
+            self._reply(wire.err("Login took too long", "AUTH"))
             self._abort_soon("login timeout")
 
     def _abort_soon(self, reason: str) -> None:
@@ -359,6 +364,10 @@ class POP3ServerProtocol(Protocol):
             self._running = False
         self._update_reading()
 
+    def _reply(self, response: bytes) -> None:
+        """Write a response, its status text in the session's language (RFC 6856 LANG)."""
+        self._write(localise(response, self.language))
+
     def _write(self, data: bytes) -> None:
         if not self._closed:
             self.transport.write(data)  # type: ignore[union-attr]
@@ -398,16 +407,16 @@ class POP3ServerProtocol(Protocol):
             self.log.failure("command {command} failed", command=command.keyword)
             response = wire.err("Internal server error", "SYS/TEMP")
         if response is not None:
-            self._write(response)
+            self._reply(response)
 
     def _bad_command(self, response: bytes) -> None:
         self._bad_commands += 1
         policy = self.factory.config.policy
         limit = (policy.max_bad_commands_before_login if self.state is State.AUTHORIZATION
                  else policy.max_bad_commands_after_login)
-        self._write(response)
+        self._reply(response)
         if self._bad_commands >= limit:
-            self._write(wire.err("Too many invalid commands, closing connection"))
+            self._reply(wire.err("Too many invalid commands, closing connection"))
             self._close("too many bad commands")
 
     def _plaintext_allowed(self) -> bool:
@@ -421,6 +430,9 @@ class POP3ServerProtocol(Protocol):
             extra.append("LOGIN-DELAY %d" % (delay,))
         expire = self._expire(self.user)
         extra.append("EXPIRE %s" % ("NEVER" if expire is None else expire))
+        if self.state is State.AUTHORIZATION:
+            extra.append("UTF8 USER")
+        extra.append("LANG")
         return Capabilities(user=self._plaintext_allowed(),
                             stls=config.tls_context is not None and not self.tls,
                             sasl=tuple(self._mechanisms()),
@@ -435,7 +447,7 @@ class POP3ServerProtocol(Protocol):
     def do_QUIT(self, command: wire.Command) -> bytes | None:
         """RFC 1939 section 4 and 6: QUIT; in TRANSACTION it enters UPDATE."""
         if self.state is State.AUTHORIZATION:
-            self._write(wire.ok("Bye"))
+            self._reply(wire.ok("Bye"))
             self._close("quit")
             return None
         self._update()
@@ -446,14 +458,21 @@ class POP3ServerProtocol(Protocol):
         if not self._plaintext_allowed():
             return wire.err("Plaintext authentication disallowed on non-secure connections, use STLS",
                             "AUTH")
-        return self.auth.user_command(str(command.args[0]))
+        name = self._prepare(str(command.args[0]))
+        if name is None:
+            return wire.err("Invalid characters in argument")
+        return self.auth.user_command(name)
 
     def do_PASS(self, command: wire.Command) -> bytes | None:
         """RFC 1939 section 7: PASS string."""
         if not self._plaintext_allowed():
             return wire.err("Plaintext authentication disallowed on non-secure connections, use STLS",
                             "AUTH")
-        credentials = self.auth.pass_credentials(str(command.args[0]))
+        password = self._prepare(str(command.args[0]))
+        if password is None:
+            self.auth.user = None
+            return wire.err("Invalid characters in argument")
+        credentials = self.auth.pass_credentials(password)
         if isinstance(credentials, bytes):
             return credentials
         self._login(credentials, credentials.username)
@@ -514,7 +533,7 @@ class POP3ServerProtocol(Protocol):
         """A client response inside an AUTH exchange (RFC 5034 section 4)."""
         if line == b"*":
             self._end_sasl()
-            self._write(wire.err("Authentication cancelled", "AUTH"))
+            self._reply(wire.err("Authentication cancelled", "AUTH"))
             return
         decoded = _decode_sasl(line.decode("ascii", "replace"))
         if decoded is None:
@@ -560,7 +579,7 @@ class POP3ServerProtocol(Protocol):
         self.log.failure("SASL mechanism failed", failure)
         self._end_sasl()
         self._waiting = False
-        self._write(wire.err("Authentication failed", "SYS/TEMP"))
+        self._reply(wire.err("Authentication failed", "SYS/TEMP"))
         self._run()
 
     def do_STLS(self, command: wire.Command) -> bytes | None:
@@ -570,7 +589,7 @@ class POP3ServerProtocol(Protocol):
             return wire.err("Already using TLS")
         if context is None:
             return wire.err("TLS is not available")
-        self._write(wire.ok("Begin TLS negotiation now"))
+        self._reply(wire.ok("Begin TLS negotiation now"))
         # Anything pipelined after STLS was sent in the clear: discard it
         # (RFC 2595 section 4; the CVE-2011-0411 command injection).
         self.reader.clear()
@@ -585,12 +604,29 @@ class POP3ServerProtocol(Protocol):
         return None
 
     def do_UTF8(self, command: wire.Command) -> bytes:
-        """RFC 6856 section 3: not offered by this server yet."""
-        return wire.err("UTF8 is not supported")
+        """RFC 6856 section 3: UTF-8 user names and passwords (SASLprep) from now on."""
+        self.utf8 = True
+        return wire.ok("UTF8 mode enabled")
 
     def do_LANG(self, command: wire.Command) -> bytes:
-        """RFC 6856 section 4: not offered by this server yet."""
-        return wire.err("LANG is not supported")
+        """RFC 6856 section 4: list the languages, or choose one for response texts."""
+        if not command.args:
+            return wire.multiline(wire.ok("Language listing follows"),
+                                  [("%s %s" % item).encode("utf-8") for item in LANGUAGES.items()])
+        language = choose(str(command.args[0]))
+        if language is None:
+            return wire.err("Unknown language")
+        self.language = language
+        return wire.ok("%s %s" % (language, translate("Language changed", language)))
+
+    def _prepare(self, text: str) -> str | None:
+        """In UTF8 mode, user names and passwords are SASLprep-ed (RFC 6856 section 3, RFC 4013)."""
+        if not self.utf8:
+            return text
+        try:
+            return str(saslprep(text))
+        except (ValueError, UnicodeError):
+            return None
 
     def _login(self, credentials: ICredentials, username: bytes, via: str = "USER") -> None:
         """Hand credentials to the portal; on success open the mailbox (TRANSACTION)."""
@@ -633,7 +669,7 @@ class POP3ServerProtocol(Protocol):
             # RFC 2449 section 8.1.1: checked after the credentials, enforced.
             defer.maybeDeferred(session.mailbox.close)
             self._event("login_delay", attempted=name, wait=int(delay - (now - last)))
-            self._write(wire.err("Minimum time between logins not reached", "LOGIN-DELAY"))
+            self._reply(wire.err("Minimum time between logins not reached", "LOGIN-DELAY"))
             self._run()
             return
         self.factory.last_login[name] = now
@@ -645,7 +681,7 @@ class POP3ServerProtocol(Protocol):
             self._login_call.cancel()
         self._reset_idle_timer()
         self._event("login", messages=len(session.listing), tls=self.tls, method=self._login_method)
-        self._write(wire.ok("Logged in, %d messages" % (len(session.listing),)))
+        self._reply(wire.ok("Logged in, %d messages" % (len(session.listing),)))
         self._run()
 
     def _user_setting(self, user: str | None, key: str) -> str | None:
@@ -690,22 +726,22 @@ class POP3ServerProtocol(Protocol):
             return
         self._waiting = False
         if failure.check(MailboxInUse):
-            self._write(wire.err("Mailbox is locked by another session", "IN-USE"))
+            self._reply(wire.err("Mailbox is locked by another session", "IN-USE"))
         elif failure.check(MailboxUnavailable):
             self.log.warn("mailbox for {user} unavailable: {why}", user=name, why=failure.getErrorMessage())
-            self._write(wire.err("Mailbox is unavailable", "SYS/TEMP"))
+            self._reply(wire.err("Mailbox is unavailable", "SYS/TEMP"))
         else:
             self.log.failure("login of {user} failed", failure, user=name)
-            self._write(wire.err("Internal server error", "SYS/TEMP"))
+            self._reply(wire.err("Internal server error", "SYS/TEMP"))
         self._run()
 
     def _answer_failed_login(self) -> None:
         self._waiting = False
         if self._closed:
             return
-        self._write(wire.err("Authentication failed", "AUTH"))
+        self._reply(wire.err("Authentication failed", "AUTH"))
         if self.auth.failures >= self.factory.config.policy.max_failures:
-            self._write(wire.err("Too many failed logins, closing connection"))
+            self._reply(wire.err("Too many failed logins, closing connection"))
             self._close("too many failed logins")
             return
         self._run()
@@ -713,7 +749,7 @@ class POP3ServerProtocol(Protocol):
     def _internal_error(self, failure: Failure) -> None:
         self.log.failure("internal error", failure)
         self._waiting = False
-        self._write(wire.err("Internal server error", "SYS/TEMP"))
+        self._reply(wire.err("Internal server error", "SYS/TEMP"))
         self._close("internal error")
 
     # -- TRANSACTION (RFC 1939 section 5 and 7)
@@ -770,10 +806,10 @@ class POP3ServerProtocol(Protocol):
             size = session.listing[index].size
             if lines is None:
                 session.stats.retr += 1
-                self._write(wire.ok("%d octets" % (size,)))
+                self._reply(wire.ok("%d octets" % (size,)))
             else:
                 session.stats.top += 1
-                self._write(wire.ok("Top of message follows"))
+                self._reply(wire.ok("Top of message follows"))
             top = wire.TopFilter(lines) if lines is not None else None
             self._body = _Body(stream, wire.BodyEncoder(), top, index)
             self._run()
@@ -782,10 +818,10 @@ class POP3ServerProtocol(Protocol):
             self._waiting = False
             if failure.check(MessageGone):
                 self.log.warn("message {n} of {user} is gone", n=number, user=self.user)
-                self._write(wire.err("Message is no longer available", "SYS/TEMP"))
+                self._reply(wire.err("Message is no longer available", "SYS/TEMP"))
             else:
                 self.log.failure("opening message {n} of {user} failed", failure, n=number, user=self.user)
-                self._write(wire.err("Cannot read message", "SYS/TEMP"))
+                self._reply(wire.err("Cannot read message", "SYS/TEMP"))
             self._run()
 
         d.addCallbacks(opened, failed)
@@ -861,7 +897,7 @@ class POP3ServerProtocol(Protocol):
 
     def _after_update(self, response: bytes) -> None:
         self._waiting = False
-        self._write(response)
+        self._reply(response)
         self._close("quit")
 
 
