@@ -89,10 +89,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["failure-delay", None, 1.0, "Seconds before answering a failed login; doubles per failure.",
          float],
         ["max-failures", None, 5, "Failed logins before the connection is closed.", int],
+        ["max-connections", None, 10000, "Concurrent connections in all.", int],
+        ["max-connections-per-ip", None, 50, "Concurrent connections from one untrusted address.", int],
+        ["handshake-timeout", None, 10, "Seconds a TLS handshake may take.", float],
+        ["login-delay", None, 0, "RFC 2449 LOGIN-DELAY: seconds between two logins of a user, "
+         "enforced (per-user: passwd-file extra field login_delay=N).", int],
+        ["expire", None, "NEVER", "RFC 2449 EXPIRE: NEVER or 0 (retrieved messages are deleted at "
+         "QUIT); per-user: passwd-file extra field expire=N."],
     ]
     optFlags = [
         ["allow-plaintext-auth", None, "Accept passwords without TLS from any address (insecure)."],
         ["no-apop", None, "Do not offer APOP."],
+        ["untrusted-loopback", None, "Treat loopback peers like any other (behind a local TLS proxy)."],
     ]
 
     def __init__(self) -> None:
@@ -112,6 +120,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("give at least one --auth, e.g. --auth passwd-file:/etc/popservice/passwd")
         if bool(self["tls-certificate"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-certificate and --tls-key go together")
+        expire = str(self["expire"]).upper()
+        if expire not in ("NEVER", "0"):
+            # EXPIRE n > 0 needs first-retrieval times kept by the store and a
+            # periodic job; until then it is not offered rather than not enforced.
+            raise usage.UsageError("--expire must be NEVER or 0")
+        self["expire"] = None if expire == "NEVER" else int(expire)
         if self["lock"] not in ("exclusive", "none"):
             raise usage.UsageError("--lock must be exclusive or none")
         for checker in self["credCheckers"]:
@@ -131,7 +145,11 @@ def make_factory(options: Any) -> POP3ServerFactory:
             raise usage.UsageError("cannot load TLS certificate/key: %s" % (e,))
     policy = Policy(allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
                     trusted_networks=options["trusted-networks"],
-                    failure_delay=options["failure-delay"], max_failures=options["max-failures"])
+                    failure_delay=options["failure-delay"], max_failures=options["max-failures"],
+                    max_connections=options["max-connections"],
+                    max_connections_per_ip=options["max-connections-per-ip"],
+                    handshake_timeout=options["handshake-timeout"], login_delay=options["login-delay"],
+                    expire=options["expire"], trust_loopback=not options["untrusted-loopback"])
     config = ServerConfig(timeout=options["timeout"], login_timeout=options["login-timeout"],
                           tls_context=tls_context, apop=not options["no-apop"], policy=policy)
     if options["hostname"]:

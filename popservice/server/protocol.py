@@ -706,9 +706,12 @@ class POP3ServerProtocol(Protocol):
 
     def _expire(self, user: str | None) -> int | None:
         value = self._user_setting(user, "expire")
+        expire = self.factory.config.policy.expire
         if value is not None:
-            return int(value) if value.isdigit() else None
-        return self.factory.config.policy.expire
+            expire = int(value) if value.isdigit() else None
+        # Only EXPIRE 0 is enforced (at QUIT); a longer period is not advertised
+        # because nothing would enforce it yet.
+        return expire if expire == 0 else None
 
     def _login_failed(self, failure: Failure, name: str, via: str = "USER") -> None:
         if failure.check(UnauthorizedLogin):

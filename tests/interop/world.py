@@ -557,7 +557,7 @@ class RssSampler:
         while not self._stop.is_set():
             try:
                 self.samples.append(self.world.rss_kib())
-            except (OSError, RuntimeError):
+            except Exception:  # noqa: BLE001 - the server went away; stop sampling
                 return
             self._stop.wait(self.interval)
 
@@ -567,9 +567,12 @@ class RssSampler:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join()
-        self.samples.append(self.world.rss_kib())
+        if self.world.alive():
+            self.samples.append(self.world.rss_kib())
 
     @property
     def baseline(self) -> int:
