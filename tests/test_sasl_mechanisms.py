@@ -118,7 +118,8 @@ class Registry(unittest.TestCase):
 
     def test_plaintext_flags(self) -> None:
         flagged = {name for name, f in MECHANISMS.items() if getattr(f, "plaintext", False)}
-        self.assertEqual(flagged, {"PLAIN", "LOGIN"})
+        # passwords and bearer tokens cross the wire recoverably: TLS or trusted peers only
+        self.assertEqual(flagged, {"PLAIN", "LOGIN", "OAUTHBEARER", "XOAUTH2"})
 
     def test_option_parsing(self) -> None:
         parsed = mechanisms_from_option("scram-sha-256, PLAIN  LOGIN")

@@ -105,13 +105,13 @@ class Listing(SASLServerTestCase):
     @defer.inlineCallbacks
     def test_plaintext_mechanisms_hidden_without_tls(self) -> Any:
         self.policy = Policy(failure_delay=0, trust_loopback=False)
-        client = yield self.session(sasl=mechanisms_from_option(DEFAULT_MECHANISMS))
+        client = yield self.session()
         _, body = yield client.command_multi(b"CAPA")
-        self.assertIn(b"SASL SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5\r\n", body)
-        r = yield client.command(b"AUTH PLAIN " + b64(b"\x00alice\x00secret"))
-        self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
-        r = yield client.command(b"AUTH LOGIN")
-        self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
+        self.assertIn(b"SASL SCRAM-SHA-256 SCRAM-SHA-1 EXTERNAL CRAM-MD5 DIGEST-MD5\r\n", body)
+        for command in [b"AUTH PLAIN " + b64(b"\x00alice\x00secret"), b"AUTH LOGIN", b"AUTH XOAUTH2",
+                        b"AUTH OAUTHBEARER"]:
+            r = yield client.command(command)
+            self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
         # SCRAM works without TLS: no password crosses the wire.
         yield self.scram(client, "SCRAM-SHA-256", "alice", "secret")
 
@@ -124,6 +124,12 @@ class Listing(SASLServerTestCase):
         c.set_server_final(unb64(final).decode())
         r = yield client.command(b"")
         return r
+
+    @defer.inlineCallbacks
+    def test_default_mechanisms(self) -> Any:
+        client = yield self.session(sasl=mechanisms_from_option(DEFAULT_MECHANISMS))
+        _, body = yield client.command_multi(b"CAPA")
+        self.assertIn(b"SASL SCRAM-SHA-256 SCRAM-SHA-1 CRAM-MD5 PLAIN LOGIN\r\n", body)
 
     @defer.inlineCallbacks
     def test_unknown_mechanism(self) -> Any:

@@ -341,7 +341,7 @@ class JWTValidator:
         try:
             header = json.loads(_b64url_decode(parts[0]))
             payload = json.loads(_b64url_decode(parts[1]))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InvalidToken("malformed token JSON")
         if not isinstance(header, dict) or not isinstance(payload, dict):
             raise InvalidToken("malformed token JSON")

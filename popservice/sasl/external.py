@@ -142,7 +142,7 @@ class ExternalMechanism(MechanismBase):
         try:
             user = certificate_identity(self.context.peer_certificate,
                                         self.context.services.get("external_identity", "cn"))
-        except ValueError:
+        except Exception:
             log.failure("EXTERNAL identity mapping")
             return self.fail()
         if user is None:

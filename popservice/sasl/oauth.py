@@ -3,6 +3,9 @@
 OAuth 2.0 bearer tokens over SASL: OAUTHBEARER (RFC 7628) and Google's
 XOAUTH2.
 
+Bearer tokens are replayable secrets, so both factories say C{plaintext =
+True}: the server offers them only over TLS or to trusted peers.
+
 Tokens are checked by the L{ITokenValidator} in
 C{SASLContext.services["token_validator"]} (e.g. L{JWTValidator}); the user
 the client asks for (the OAUTHBEARER gs2 authzid, the XOAUTH2 C{user=}) is
@@ -110,7 +113,9 @@ def parse_xoauth2(message: bytes) -> tuple[str, str] | None:
 
 
 class _TokenMechanism(MechanismBase):
-    plaintext = False
+    #: A bearer token is a replayable secret: like a password, only over TLS
+    #: or from trusted peers (RFC 7628 section 5, RFC 6750 section 5.3).
+    plaintext = True
 
     def __init__(self, context: SASLContext) -> None:
         super().__init__(context)

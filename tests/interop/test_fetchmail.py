@@ -41,11 +41,20 @@ class FetchmailTests(unittest.TestCase):
         # an MDA that stores each message in a numbered file (no % in its path: fetchmail expands those)
         self.mda = os.path.join(self.work, "mda.sh")
         with open(self.mda, "w") as f:
-            f.write('#!/bin/sh\nn=$(ls "%s" | wc -l)\nexec cat > "%s/$(printf %%05d "$n")"\n' % (self.out, self.out))
+            f.write(
+                '#!/bin/sh\nn=$(ls "%s" | wc -l)\nexec cat > "%s/$(printf %%05d "$n")"\n'
+                % (self.out, self.out)
+            )
         os.chmod(self.mda, 0o755)
 
-    def fetchmail(self, user: str, server_options: str, ssl_options: str = "sslproto ''",
-                  user_options: str = "keep", password: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    def fetchmail(
+        self,
+        user: str,
+        server_options: str,
+        ssl_options: str = "sslproto ''",
+        user_options: str = "keep",
+        password: str | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
         assert FETCHMAIL
         pw = password if password is not None else self.world.users[user].password
         rc = os.path.join(self.home, "fetchmailrc")
@@ -59,7 +68,9 @@ class FetchmailTests(unittest.TestCase):
             )
         os.chmod(rc, 0o600)
         env = dict(os.environ, FETCHMAILHOME=self.home, HOME=self.home)
-        return run([FETCHMAIL, "-f", rc, "-v", "--nosyslog", "--idfile", os.path.join(self.home, "ids")], env=env)
+        return run(
+            [FETCHMAIL, "-f", rc, "-v", "--nosyslog", "--idfile", os.path.join(self.home, "ids")], env=env
+        )
 
     def delivered(self) -> list[bytes]:
         out = []
@@ -91,30 +102,39 @@ class FetchmailTests(unittest.TestCase):
         self.assertIn(b"POP3> APOP alice", log)
 
     def test_stls(self) -> None:
-        log = self.check_all("alice", "protocol pop3 port %d auth password" % self.world.port,
-                             "sslproto 'tls1.2+' sslcertck sslcommonname localhost sslcertfile '%s'" % self.world.cert)
+        log = self.check_all(
+            "alice",
+            "protocol pop3 port %d auth password" % self.world.port,
+            "sslproto 'tls1.2+' sslcertck sslcommonname localhost sslcertfile '%s'" % self.world.cert,
+        )
         self.assertIn(b"POP3> STLS", log)
 
     def test_implicit_tls(self) -> None:
-        self.check_all("alice", "protocol pop3 port %d auth password" % self.world.tls_port,
-                       "ssl sslcertck sslcommonname localhost sslcertfile '%s'" % self.world.cert)
+        self.check_all(
+            "alice",
+            "protocol pop3 port %d auth password" % self.world.tls_port,
+            "ssl sslcertck sslcommonname localhost sslcertfile '%s'" % self.world.cert,
+        )
 
     def test_untrusted_certificate(self) -> None:
-        p = self.fetchmail("alice", "protocol pop3 port %d auth password" % self.world.tls_port,
-                           "ssl sslcertck sslcommonname localhost sslcertfile '%s'" % self.world.untrusted_cert())
+        p = self.fetchmail(
+            "alice",
+            "protocol pop3 port %d auth password" % self.world.tls_port,
+            "ssl sslcertck sslcommonname localhost sslcertfile '%s'" % self.world.untrusted_cert(),
+        )
         self.assertNotIn(p.returncode, (PS_SUCCESS, PS_NOMAIL))
         self.assertEqual(self.delivered(), [])
 
     def test_wrong_password(self) -> None:
-        p = self.fetchmail("alice", "protocol pop3 port %d auth password" % self.world.port,
-                           password="wrong")
+        p = self.fetchmail("alice", "protocol pop3 port %d auth password" % self.world.port, password="wrong")
         self.assertEqual(p.returncode, PS_AUTHFAIL, p.stdout[-2000:])
         self.assertEqual(self.delivered(), [])
 
     def test_delete(self) -> None:
         msgs = self.world.users["fmdel"].messages
-        p = self.fetchmail("fmdel", "protocol pop3 port %d auth password" % self.world.port,
-                           user_options="fetchall")
+        p = self.fetchmail(
+            "fmdel", "protocol pop3 port %d auth password" % self.world.port, user_options="fetchall"
+        )
         self.assertEqual(p.returncode, PS_SUCCESS, p.stdout[-2000:])
         self.assertIn(b"POP3> RETR 1", p.stdout)
         self.assertIn(b"POP3> DELE 3", p.stdout)

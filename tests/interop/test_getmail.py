@@ -90,8 +90,15 @@ class GetmailTests(unittest.TestCase):
             os.makedirs(os.path.join(self.maildir, sub), exist_ok=True)
             os.chmod(os.path.join(self.maildir, sub), 0o777)
 
-    def getmail(self, user: str, *, ssl: bool = False, apop: bool = False, delete: bool = False,
-                cafile: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    def getmail(
+        self,
+        user: str,
+        *,
+        ssl: bool = False,
+        apop: bool = False,
+        delete: bool = False,
+        cafile: str | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
         assert GETMAIL
         retriever = "SimplePOP3SSLRetriever" if ssl else "SimplePOP3Retriever"
         extra = ""
@@ -106,8 +113,16 @@ class GetmailTests(unittest.TestCase):
                 "[destination]\ntype = Maildir\npath = %s/\n\n"
                 "[options]\nread_all = false\ndelete = %s\ndelivered_to = false\nreceived = false\n"
                 "verbose = 2\n"
-                % (retriever, self.world.tls_port if ssl else self.world.port, user,
-                   self.world.users[user].password, apop, extra, self.maildir, delete)
+                % (
+                    retriever,
+                    self.world.tls_port if ssl else self.world.port,
+                    user,
+                    self.world.users[user].password,
+                    apop,
+                    extra,
+                    self.maildir,
+                    delete,
+                )
             )
         os.chmod(rc, 0o644)
         return run(as_unprivileged([GETMAIL, "--getmaildir", self.getmaildir, "--rcfile", rc]))
@@ -138,11 +153,15 @@ class GetmailTests(unittest.TestCase):
             assert mid is not None
             self.assertIn(mid.group(1), by_id, m.tag)
             data = by_id[mid.group(1)]
-            self.assertEqual(normalise(data), normalise(m.retr),
-                             "getmail got message %d (%s) wrong" % (m.number, m.tag))
+            self.assertEqual(
+                normalise(data), normalise(m.retr), "getmail got message %d (%s) wrong" % (m.number, m.tag)
+            )
             # getmail writes its own Return-Path first: the sender's, or <unknown>
-            self.assertTrue(data.startswith(b"Return-Path: <sender@example.org>\n")
-                            or data.startswith(b"Return-Path: <unknown>\n"), data[:80])
+            self.assertTrue(
+                data.startswith(b"Return-Path: <sender@example.org>\n")
+                or data.startswith(b"Return-Path: <unknown>\n"),
+                data[:80],
+            )
         again = self.getmail(user, **options)
         self.assertEqual(again.returncode, 0, again.stdout[-2000:] + again.stderr)
         self.assertIn(b"0 messages", again.stdout)
@@ -174,5 +193,7 @@ class GetmailTests(unittest.TestCase):
         msgs = self.world.users["gmdel"].messages
         p = self.getmail("gmdel", delete=True)
         self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr)
-        self.assertEqual(sorted(normalise(d) for d in self.delivered()), sorted(normalise(m.retr) for m in msgs))
+        self.assertEqual(
+            sorted(normalise(d) for d in self.delivered()), sorted(normalise(m.retr) for m in msgs)
+        )
         self.assertEqual(self.world.present("gmdel"), [])

@@ -51,13 +51,26 @@ class MpopTests(unittest.TestCase):
             os.makedirs(os.path.join(self.maildir, sub))
         self.uidls = os.path.join(self.work, "uidls")
 
-    def mpop(self, user: str, *options: str, password: str | None = None,
-             port: int | None = None) -> subprocess.CompletedProcess[bytes]:
+    def mpop(
+        self, user: str, *options: str, password: str | None = None, port: int | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
         assert MPOP
         pw = password if password is not None else self.world.users[user].password
-        argv = [MPOP, "-q", "--host=127.0.0.1", "--port=%d" % (port or self.world.port), "--user=" + user,
-                "--passwordeval=echo " + pw, "--keep=on", "--only-new=on", "--uidls-file=" + self.uidls,
-                "--delivery=maildir," + self.maildir, "--received-header=off", "--timeout=30", *options]
+        argv = [
+            MPOP,
+            "-q",
+            "--host=127.0.0.1",
+            "--port=%d" % (port or self.world.port),
+            "--user=" + user,
+            "--passwordeval=echo " + pw,
+            "--keep=on",
+            "--only-new=on",
+            "--uidls-file=" + self.uidls,
+            "--delivery=maildir," + self.maildir,
+            "--received-header=off",
+            "--timeout=30",
+            *options,
+        ]
         return run(argv)
 
     def check_all(self, user: str, *options: str, port: int | None = None) -> None:
@@ -88,22 +101,40 @@ class MpopTests(unittest.TestCase):
         self.assertEqual(self.apop_logins(), before + 2)
 
     def test_stls(self) -> None:
-        self.check_all("alice", "--auth=user", "--tls=on", "--tls-starttls=on",
-                       "--tls-trust-file=" + self.world.cert)
+        self.check_all(
+            "alice", "--auth=user", "--tls=on", "--tls-starttls=on", "--tls-trust-file=" + self.world.cert
+        )
 
     def test_implicit_tls(self) -> None:
-        self.check_all("alice", "--auth=user", "--tls=on", "--tls-starttls=off",
-                       "--tls-trust-file=" + self.world.cert, port=self.world.tls_port)
+        self.check_all(
+            "alice",
+            "--auth=user",
+            "--tls=on",
+            "--tls-starttls=off",
+            "--tls-trust-file=" + self.world.cert,
+            port=self.world.tls_port,
+        )
 
     def test_implicit_tls_apop(self) -> None:
         before = self.apop_logins()
-        self.check_all("carol", "--auth=apop", "--tls=on", "--tls-starttls=off",
-                       "--tls-trust-file=" + self.world.cert, port=self.world.tls_port)
+        self.check_all(
+            "carol",
+            "--auth=apop",
+            "--tls=on",
+            "--tls-starttls=off",
+            "--tls-trust-file=" + self.world.cert,
+            port=self.world.tls_port,
+        )
         self.assertEqual(self.apop_logins(), before + 2)
 
     def test_untrusted_certificate(self) -> None:
-        p = self.mpop("alice", "--auth=user", "--tls=on", "--tls-starttls=on",
-                      "--tls-trust-file=" + self.world.untrusted_cert())
+        p = self.mpop(
+            "alice",
+            "--auth=user",
+            "--tls=on",
+            "--tls-starttls=on",
+            "--tls-trust-file=" + self.world.untrusted_cert(),
+        )
         self.assertNotEqual(p.returncode, 0)
         self.assertEqual(delivered(self.maildir), [])
 
@@ -120,8 +151,14 @@ class MpopTests(unittest.TestCase):
 
     def test_delete(self) -> None:
         msgs = self.world.users["mpopdel"].messages
-        p = self.mpop("mpopdel", "--auth=user", "--tls=on", "--tls-starttls=on",
-                      "--tls-trust-file=" + self.world.cert, "--keep=off")
+        p = self.mpop(
+            "mpopdel",
+            "--auth=user",
+            "--tls=on",
+            "--tls-starttls=on",
+            "--tls-trust-file=" + self.world.cert,
+            "--keep=off",
+        )
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual([crlf(d) for d in delivered(self.maildir)], [m.retr for m in msgs])
         self.assertEqual(self.world.present("mpopdel"), [])

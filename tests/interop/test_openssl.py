@@ -37,8 +37,19 @@ class OpenSSLClientTests(unittest.TestCase):
     def s_client(self, *args: str, stdin: bytes, cafile: str | None = None) -> tuple[bytes, bytes, bool]:
         """(stdout, stderr, exited by itself) of one s_client run fed C{stdin}."""
         assert OPENSSL
-        argv = [OPENSSL, "s_client", "-quiet", "-verify_return_error", "-CAfile", cafile or self.world.cert,
-                "-verify_hostname", "localhost", "-servername", "localhost", *args]
+        argv = [
+            OPENSSL,
+            "s_client",
+            "-quiet",
+            "-verify_return_error",
+            "-CAfile",
+            cafile or self.world.cert,
+            "-verify_hostname",
+            "localhost",
+            "-servername",
+            "localhost",
+            *args,
+        ]
         p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = p.communicate(stdin, timeout=CLOSE_TIMEOUT)
@@ -58,28 +69,42 @@ class OpenSSLClientTests(unittest.TestCase):
         self.assertIn(expected, out)
 
     def test_starttls_session(self) -> None:
-        out, err, exited = self.s_client("-starttls", "pop3", "-connect", "127.0.0.1:%d" % self.world.port,
-                                         stdin=self.session_input(2))
+        out, err, exited = self.s_client(
+            "-starttls", "pop3", "-connect", "127.0.0.1:%d" % self.world.port, stdin=self.session_input(2)
+        )
         self.assertIn(b"verify return:1", err + out)
         self.check_transcript(out, 2)
-        self.assertTrue(exited, "s_client still running %ss after QUIT: the server did not close the "
-                        "STLS connection" % CLOSE_TIMEOUT)
+        self.assertTrue(
+            exited,
+            "s_client still running %ss after QUIT: the server did not close the "
+            "STLS connection" % CLOSE_TIMEOUT,
+        )
 
     def test_implicit_tls_session(self) -> None:
-        out, err, exited = self.s_client("-connect", "127.0.0.1:%d" % self.world.tls_port,
-                                         stdin=self.session_input(8))
+        out, err, exited = self.s_client(
+            "-connect", "127.0.0.1:%d" % self.world.tls_port, stdin=self.session_input(8)
+        )
         self.assertIn(b"+OK POP3 server ready", out)
         self.check_transcript(out, 8)
-        self.assertTrue(exited, "s_client still running %ss after QUIT: the server did not close the "
-                        "TLS connection" % CLOSE_TIMEOUT)
+        self.assertTrue(
+            exited,
+            "s_client still running %ss after QUIT: the server did not close the "
+            "TLS connection" % CLOSE_TIMEOUT,
+        )
 
     def test_implicit_tls_large_message(self) -> None:
-        out, err, _ = self.s_client("-connect", "127.0.0.1:%d" % self.world.tls_port, stdin=self.session_input(5))
+        out, err, _ = self.s_client(
+            "-connect", "127.0.0.1:%d" % self.world.tls_port, stdin=self.session_input(5)
+        )
         self.check_transcript(out, 5)
 
     def test_untrusted_certificate_refused(self) -> None:
-        out, err, exited = self.s_client("-connect", "127.0.0.1:%d" % self.world.tls_port,
-                                         stdin=b"QUIT\r\n", cafile=self.world.untrusted_cert())
+        out, err, exited = self.s_client(
+            "-connect",
+            "127.0.0.1:%d" % self.world.tls_port,
+            stdin=b"QUIT\r\n",
+            cafile=self.world.untrusted_cert(),
+        )
         self.assertTrue(exited)
         self.assertNotIn(b"+OK", out)
         self.assertIn(b"verify error", err + out)
@@ -106,8 +131,11 @@ class TLSRawTests(unittest.TestCase):
         tf = tls.makefile("rb")
         tls.sendall(b"CAPA\r\n")
         first = tf.readline()
-        self.assertEqual(first, b"+OK Capability list follows\r\n",
-                         "first response after the handshake is not the answer to CAPA")
+        self.assertEqual(
+            first,
+            b"+OK Capability list follows\r\n",
+            "first response after the handshake is not the answer to CAPA",
+        )
         caps = []
         while True:
             line = tf.readline()

@@ -95,7 +95,7 @@ class PoplibTests(unittest.TestCase):
         p.user("alice")
         p.pass_("alicepw")
         self.assertEqual(p.stat()[0], len(self.alice.messages))
-        self.assertEqual(b"".join(l + b"\r\n" for l in p.retr(2)[1]), self.alice.messages[1].retr)
+        self.assertEqual(b"".join(ln + b"\r\n" for ln in p.retr(2)[1]), self.alice.messages[1].retr)
         p.quit()
 
     def test_stls_untrusted_certificate_fails(self) -> None:
@@ -168,7 +168,7 @@ class PoplibTests(unittest.TestCase):
         for m in self.alice.messages:
             resp, lines, octets = p.retr(m.number)
             self.assertTrue(resp.startswith(b"+OK"))
-            self.assertEqual(b"".join(l + b"\r\n" for l in lines), m.retr, m.tag)
+            self.assertEqual(b"".join(ln + b"\r\n" for ln in lines), m.retr, m.tag)
         p.quit()
 
     def test_top(self) -> None:
@@ -176,7 +176,9 @@ class PoplibTests(unittest.TestCase):
         for m in self.alice.messages:
             for n in (0, 1, 3, 100000):
                 resp, lines, _ = p.top(m.number, n)
-                self.assertEqual(b"".join(l + b"\r\n" for l in lines), m.top(n), "TOP %d %d (%s)" % (m.number, n, m.tag))
+                self.assertEqual(
+                    b"".join(ln + b"\r\n" for ln in lines), m.top(n), "TOP %d %d (%s)" % (m.number, n, m.tag)
+                )
         p.quit()
 
     def test_uidl(self) -> None:
@@ -218,7 +220,7 @@ class PoplibTests(unittest.TestCase):
         p = self.connect("delquit")
         m2 = self.world.users["delquit"].messages[1]
         self.assertEqual(p.stat(), (1, m2.size))
-        self.assertEqual(b"".join(l + b"\r\n" for l in p.retr(1)[1]), m2.retr)
+        self.assertEqual(b"".join(ln + b"\r\n" for ln in p.retr(1)[1]), m2.retr)
         p.quit()
 
     def test_dele_abrupt_close_deletes_nothing(self) -> None:
@@ -259,8 +261,8 @@ class PoplibTests(unittest.TestCase):
         for cmd in ("DELE 2", "RETR 2", "TOP 2 0", "LIST 2", "UIDL 2"):
             with self.assertRaises(poplib.error_proto, msg=cmd):
                 p._shortcmd(cmd)
-        self.assertEqual([l.split()[0] for l in p.list()[1]], [b"1", b"3"])
-        self.assertEqual([l.split()[0] for l in p.uidl()[1]], [b"1", b"3"])
+        self.assertEqual([ln.split()[0] for ln in p.list()[1]], [b"1", b"3"])
+        self.assertEqual([ln.split()[0] for ln in p.uidl()[1]], [b"1", b"3"])
         p.rset()
         p.quit()
 

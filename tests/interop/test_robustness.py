@@ -121,7 +121,9 @@ def open_many(port: int, n: int, batch: int = 40, timeout: float = 15.0) -> list
                 readable, _, _ = select.select(list(waiting), [], [], 0.2)
                 waiting.difference_update(readable)
             if waiting:
-                raise TimeoutError("%d of %d connections not greeted within %s s" % (len(waiting), n, timeout))
+                raise TimeoutError(
+                    "%d of %d connections not greeted within %s s" % (len(waiting), n, timeout)
+                )
     except BaseException:
         for s in socks:
             s.close()
@@ -180,13 +182,22 @@ class RobustnessTests(unittest.TestCase):
         self.assertEqual(got_sha, sha, "50 MiB message differs")
         self.assertTrue(c.command(b"NOOP").startswith(b"+OK"))
         c.quit()
-        self.record("rss-retr-50mib.txt",
-                    "RETR of a %.1f MiB message: server RSS baseline %.1f MiB, peak %.1f MiB, growth %.1f MiB "
-                    "(%d samples, %.2f s incl. 1.5 s not reading)"
-                    % (length / MIB, rss.baseline / 1024, rss.peak / 1024, rss.growth_kib / 1024,
-                       len(rss.samples), elapsed))
-        self.assertLess(rss.growth_kib, RETR_RSS_LIMIT_KIB,
-                        "server RSS grew by %d KiB streaming 50 MiB" % rss.growth_kib)
+        self.record(
+            "rss-retr-50mib.txt",
+            "RETR of a %.1f MiB message: server RSS baseline %.1f MiB, peak %.1f MiB, growth %.1f MiB "
+            "(%d samples, %.2f s incl. 1.5 s not reading)"
+            % (
+                length / MIB,
+                rss.baseline / 1024,
+                rss.peak / 1024,
+                rss.growth_kib / 1024,
+                len(rss.samples),
+                elapsed,
+            ),
+        )
+        self.assertLess(
+            rss.growth_kib, RETR_RSS_LIMIT_KIB, "server RSS grew by %d KiB streaming 50 MiB" % rss.growth_kib
+        )
 
     def test_vanish_mid_retr(self) -> None:
         c = self.world.session("vanish")
@@ -249,10 +260,12 @@ class RobustnessTests(unittest.TestCase):
         finally:
             elapsed = time.monotonic() - start
             rss.__exit__()
-        self.record("flood-junk.txt",
-                    "200 junk-pipelining connections (%.1f MiB sent, none read): a normal session took %.3f s; "
-                    "server RSS baseline %.1f MiB, peak %.1f MiB, growth %.1f MiB"
-                    % (sent / MIB, elapsed, rss.baseline / 1024, rss.peak / 1024, rss.growth_kib / 1024))
+        self.record(
+            "flood-junk.txt",
+            "200 junk-pipelining connections (%.1f MiB sent, none read): a normal session took %.3f s; "
+            "server RSS baseline %.1f MiB, peak %.1f MiB, growth %.1f MiB"
+            % (sent / MIB, elapsed, rss.baseline / 1024, rss.peak / 1024, rss.growth_kib / 1024),
+        )
         close_all()
         self.assertTrue(self.world.alive())
 
@@ -274,10 +287,12 @@ class RobustnessTests(unittest.TestCase):
             accepted = len(commands) - len(view)
             time.sleep(2.0)  # let the server do whatever it will with them
             self.assert_serving(within=2.0)
-        self.record("rss-pipeline-10000.txt",
-                    "10,000 pipelined LIST/RETR-1MiB commands (%d of %d bytes accepted), never read: server RSS "
-                    "baseline %.1f MiB, peak %.1f MiB, growth %.1f MiB"
-                    % (accepted, len(commands), rss.baseline / 1024, rss.peak / 1024, rss.growth_kib / 1024))
+        self.record(
+            "rss-pipeline-10000.txt",
+            "10,000 pipelined LIST/RETR-1MiB commands (%d of %d bytes accepted), never read: server RSS "
+            "baseline %.1f MiB, peak %.1f MiB, growth %.1f MiB"
+            % (accepted, len(commands), rss.baseline / 1024, rss.peak / 1024, rss.growth_kib / 1024),
+        )
         self.assertLess(rss.growth_kib, PIPELINE_RSS_LIMIT_KIB)
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
@@ -303,8 +318,11 @@ class RobustnessTests(unittest.TestCase):
         finally:
             for sock in socks:
                 sock.close()
-        self.record("connect-burst.txt", "300 back-to-back connects took %.2f s; %d were delayed by a dropped "
-                    "SYN (index, seconds): %s" % (total, len(delayed), delayed))
+        self.record(
+            "connect-burst.txt",
+            "300 back-to-back connects took %.2f s; %d were delayed by a dropped "
+            "SYN (index, seconds): %s" % (total, len(delayed), delayed),
+        )
         self.assertEqual(delayed, [], "connections delayed by dropped SYNs (listen backlog too small?)")
 
     def test_many_idle_connections(self) -> None:
@@ -336,13 +354,30 @@ class RobustnessTests(unittest.TestCase):
         self.assertTrue(self.world.alive())
 
     def test_hostile_user_names(self) -> None:
-        for name in (b"../x", b"a/b", b"", b"x" * 1000, b"a\x00b", b"\x00", b"..", b".", b"~root",
-                     b"%u", b"alice\x00", b"../evil", b"alice/../../evil", b"L" * 1000, b"a\\b",
-                     b"\xff\xfe", b"alice ../x"):
+        for name in (
+            b"../x",
+            b"a/b",
+            b"",
+            b"x" * 1000,
+            b"a\x00b",
+            b"\x00",
+            b"..",
+            b".",
+            b"~root",
+            b"%u",
+            b"alice\x00",
+            b"../evil",
+            b"alice/../../evil",
+            b"L" * 1000,
+            b"a\\b",
+            b"\xff\xfe",
+            b"alice ../x",
+        ):
             self.assert_login_refused(name)
         # nothing outside mail/ was touched or created
-        self.assertEqual(sorted(os.listdir(os.path.join(self.world.root, "evil", "new"))),
-                         ["1700000000.M1P1Q1.evil"])
+        self.assertEqual(
+            sorted(os.listdir(os.path.join(self.world.root, "evil", "new"))), ["1700000000.M1P1Q1.evil"]
+        )
         self.assertFalse(os.path.exists(os.path.join(self.world.root, "x")))
         self.assertFalse(os.path.exists(os.path.join(self.world.mail, "a")))
         self.assert_serving()
@@ -364,8 +399,19 @@ class RobustnessTests(unittest.TestCase):
         for cmd in (b"FOO", b"XYZZY bar", b"RETR 1", b"STAT", b"HELO x", b"GET / HTTP/1.0", b"\x16\x03\x01"):
             self.assertTrue(c.command(cmd).startswith(b"-ERR"), cmd)
         self.assertTrue(c.login("alice", "alicepw").startswith(b"+OK"))
-        for cmd in (b"FOO", b"USER alice", b"PASS x", b"STLS", b"APOP a b", b"RETR", b"RETR -1",
-                    b"RETR 99999999999999999999", b"TOP 1", b"TOP 1 -1", b"DELE 0"):
+        for cmd in (
+            b"FOO",
+            b"USER alice",
+            b"PASS x",
+            b"STLS",
+            b"APOP a b",
+            b"RETR",
+            b"RETR -1",
+            b"RETR 99999999999999999999",
+            b"TOP 1",
+            b"TOP 1 -1",
+            b"DELE 0",
+        ):
             self.assertTrue(c.command(cmd).startswith(b"-ERR"), cmd)
         self.assertTrue(c.command(b"STAT").startswith(b"+OK 11 "))
         c.quit()
@@ -414,7 +460,7 @@ class RobustnessTests(unittest.TestCase):
         while data and time.monotonic() < deadline:
             select.select([], [s], [], 0.2)
             try:
-                data = data[s.send(data):]
+                data = data[s.send(data) :]
             except BlockingIOError:
                 continue
             except ConnectionError:
@@ -453,7 +499,9 @@ class RobustnessTests(unittest.TestCase):
         c = self.world.connect()
         self.addCleanup(c.close)
         msgs = self.world.users["alice"].messages
-        c.send(b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTAT\r\nRETR 2\r\nTOP 1 2\r\nUIDL 3\r\nNOOP\r\nQUIT\r\n")
+        c.send(
+            b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTAT\r\nRETR 2\r\nTOP 1 2\r\nUIDL 3\r\nNOOP\r\nQUIT\r\n"
+        )
         self.assertTrue(c.line().startswith(b"+OK"))
         self.assertIn(b"PIPELINING", c.multi_body())
         self.assertTrue(c.line().startswith(b"+OK"))

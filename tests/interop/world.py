@@ -109,8 +109,11 @@ def headers(user: str, idx: int, subject: bytes, extra: bytes = b"") -> bytes:
         b"From: Sender <sender@example.org>\n"
         b"To: " + user.encode() + b"@example.org\n"
         b"Subject: " + subject + b"\n"
-        b"Date: Tue, 14 Nov 2023 22:13:%02d +0000\n" % (idx % 60)
-        + b"Message-ID: <" + user.encode() + b".%d@interop.popservice>\n" % idx
+        b"Date: Tue, 14 Nov 2023 22:13:%02d +0000\n"
+        % (idx % 60)
+        + b"Message-ID: <"
+        + user.encode()
+        + b".%d@interop.popservice>\n" % idx
         + extra
     )
 
@@ -127,15 +130,29 @@ def awkward_messages(user: str) -> list[tuple[str, bytes]]:
     )
     msgs.append(("dots", crlf(headers(user, 2, b"Dot stuffing") + b"\n" + body)))
     body = (
-        "Gr\u00fc\u00dfe aus K\u00f6ln \u2013 na\u00efve caf\u00e9 r\u00e9sum\u00e9.\n"
-        "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8\u3002\nEmoji: \U0001f600 \U0001f4e7\n"
-    ).encode("utf-8") + bytes([0xA0, 0xFF, 0x80]) + b" raw high bytes\n"
-    msgs.append((
-        "8bit",
-        crlf(headers(user, 3, b"=?UTF-8?Q?Gr=C3=BC=C3=9Fe?=",
-                     b"MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
-                     b"Content-Transfer-Encoding: 8bit\n") + b"\n" + body),
-    ))
+        (
+            "Gr\u00fc\u00dfe aus K\u00f6ln \u2013 na\u00efve caf\u00e9 r\u00e9sum\u00e9.\n"
+            "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8\u3002\nEmoji: \U0001f600 \U0001f4e7\n"
+        ).encode("utf-8")
+        + bytes([0xA0, 0xFF, 0x80])
+        + b" raw high bytes\n"
+    )
+    msgs.append(
+        (
+            "8bit",
+            crlf(
+                headers(
+                    user,
+                    3,
+                    b"=?UTF-8?Q?Gr=C3=BC=C3=9Fe?=",
+                    b"MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
+                    b"Content-Transfer-Encoding: 8bit\n",
+                )
+                + b"\n"
+                + body
+            ),
+        )
+    )
     body = b"Stored with bare LF line ends.\nSecond line.\n.dot line\n\nAfter an empty line.\n"
     msgs.append(("barelf", headers(user, 4, b"Bare LF storage") + b"\n" + body))
     lines = []
@@ -151,16 +168,33 @@ def awkward_messages(user: str) -> list[tuple[str, bytes]]:
     msgs.append(("1mib", headers(user, 5, b"One mebibyte") + b"\n" + b"".join(lines)))
     longval = b" ".join(b"token%04d" % i for i in range(1000))
     folded = b"\n\t".join(b"<ref%03d@interop.popservice>" % i for i in range(60))
-    msgs.append((
-        "longheader",
-        crlf(headers(user, 6, b"Very long header", b"X-Long-Header: " + longval + b"\nReferences: " + folded
-                     + b"\n") + b"\nShort body after a long header.\n"),
-    ))
-    msgs.append(("notrail", crlf(headers(user, 7, b"No trailing newline") + b"\nThe last line has no newline")))
-    msgs.append(("tiny", b"Subject: tiny\r\nMessage-ID: <%s.8@interop.popservice>\r\n\r\nx\r\n" % user.encode()))
+    msgs.append(
+        (
+            "longheader",
+            crlf(
+                headers(
+                    user,
+                    6,
+                    b"Very long header",
+                    b"X-Long-Header: " + longval + b"\nReferences: " + folded + b"\n",
+                )
+                + b"\nShort body after a long header.\n"
+            ),
+        )
+    )
+    msgs.append(
+        ("notrail", crlf(headers(user, 7, b"No trailing newline") + b"\nThe last line has no newline"))
+    )
+    msgs.append(
+        ("tiny", b"Subject: tiny\r\nMessage-ID: <%s.8@interop.popservice>\r\n\r\nx\r\n" % user.encode())
+    )
     msgs.append(("emptybody", crlf(headers(user, 9, b"Empty body") + b"\n")))
-    msgs.append(("mixed", headers(user, 10, b"Mixed line ends") + b"\r\nCRLF line\r\nLF line\n.dot LF\n"
-                 b".dot CRLF\r\nlast\n"))
+    msgs.append(
+        (
+            "mixed",
+            headers(user, 10, b"Mixed line ends") + b"\r\nCRLF line\r\nLF line\n.dot LF\n.dot CRLF\r\nlast\n",
+        )
+    )
     msgs.append(("dotnotrail", crlf(headers(user, 11, b"Ends in a dot") + b"\nnext line is a lone dot\n.")))
     return msgs
 
@@ -233,8 +267,9 @@ class User:
 class RawPOP:
     """A minimal blocking POP3 client on a raw socket: exact bytes, no line limits."""
 
-    def __init__(self, port: int, *, implicit_tls: bool = False, cafile: str | None = None,
-                 timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self, port: int, *, implicit_tls: bool = False, cafile: str | None = None, timeout: float = TIMEOUT
+    ) -> None:
         self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         if implicit_tls:
             self.sock = client_context(cafile).wrap_socket(self.sock, server_hostname="localhost")
@@ -445,13 +480,28 @@ class World:
         override = os.environ.get("POPSERVICE_INTEROP_TWISTD")
         twistd = shlex.split(override) if override else [TWISTD]
         return [
-            *twistd, "-n", "--pidfile=", "-l", self.log, "pop3",
-            "--mail", "maildir:%s/%%u" % self.mail,
-            "--auth", "passwd-file:%s" % self.passwd,
-            "--listen", "tcp:%d:interface=127.0.0.1" % self.port,
-            "--listen", "ssl:%d:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.tls_port, self.key, self.cert),
-            "--tls-certificate", self.cert, "--tls-key", self.key,
-            "--failure-delay", "0", "--hostname", "localhost",
+            *twistd,
+            "-n",
+            "--pidfile=",
+            "-l",
+            self.log,
+            "pop3",
+            "--mail",
+            "maildir:%s/%%u" % self.mail,
+            "--auth",
+            "passwd-file:%s" % self.passwd,
+            "--listen",
+            "tcp:%d:interface=127.0.0.1" % self.port,
+            "--listen",
+            "ssl:%d:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.tls_port, self.key, self.cert),
+            "--tls-certificate",
+            self.cert,
+            "--tls-key",
+            self.key,
+            "--failure-delay",
+            "0",
+            "--hostname",
+            "localhost",
         ] + self.extra_args
 
     def start(self) -> None:
@@ -460,9 +510,13 @@ class World:
             self.port, self.tls_port = free_port(), free_port()
             if self.port == self.tls_port:
                 continue
-            self.process = subprocess.Popen(self.command_line(), cwd=self.root, stdin=subprocess.DEVNULL,
-                                            stdout=open(os.path.join(self.root, "twistd.out"), "wb"),
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command_line(),
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=open(os.path.join(self.root, "twistd.out"), "wb"),
+                stderr=subprocess.STDOUT,
+            )
             try:
                 self._wait_ready()
                 return
@@ -475,7 +529,9 @@ class World:
         deadline = time.monotonic() + 30
         while True:
             if not self.alive():
-                raise RuntimeError("server exited with %s" % (self.process.returncode if self.process else None))
+                raise RuntimeError(
+                    "server exited with %s" % (self.process.returncode if self.process else None)
+                )
             try:
                 c = RawPOP(self.port, timeout=5)
                 ok = c.greeting.startswith(b"+OK")
@@ -620,8 +676,21 @@ def _stop_all() -> None:
         _current.pop(key).stop()
 
 
-def run(argv: list[str], *, timeout: float = TIMEOUT, input: bytes | None = None,
-        env: dict[str, str] | None = None, cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
+def run(
+    argv: list[str],
+    *,
+    timeout: float = TIMEOUT,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     """Run a client program; output captured; never raises on a non-zero exit."""
-    return subprocess.run(argv, input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout, env=env, cwd=cwd, stdin=None if input is not None else subprocess.DEVNULL)
+    return subprocess.run(
+        argv,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
