@@ -425,3 +425,34 @@ class FailureDelay(ServerMixin, unittest.TestCase):
         yield client.command(b"USER alice")
         r = yield client.command(b"PASS secret")  # success is answered at once
         self.assertTrue(r.startswith(b"+OK"))
+
+
+class SessionEvents(ServerTestCase):
+    @defer.inlineCallbacks
+    def test_logout_summary(self) -> Any:
+        events: list[tuple[str, dict[str, Any]]] = []
+
+        class Recorder:
+            def event(self, name: str, session: object, **fields: Any) -> None:
+                events.append((name, fields))
+
+        self.factory.observer = Recorder()
+        client = yield self.login()
+        yield client.command_multi(b"RETR 2")
+        yield client.command_multi(b"TOP 1 0")
+        yield client.command(b"DELE 3")
+        yield client.command(b"QUIT")
+        yield client.lost
+        for _ in range(50):
+            if any(n == "logout" for n, _ in events):
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        names = [n for n, _ in events]
+        self.assertEqual(names[:2], ["connect", "command"])
+        self.assertIn("login", names)
+        logout = dict(events)["logout"]
+        self.assertEqual((logout["user"], logout["reason"], logout["retr"], logout["top"], logout["deleted"]),
+                         ("alice", "quit", 1, 1, 1))
+        self.assertEqual(logout["retr_bytes"], len(crlf(MSGS[1])) + 3)
+        self.assertEqual(logout["deleted_bytes"], wire.transmitted_size([MSGS[2]]))
+        self.assertEqual(logout["messages"], 3)

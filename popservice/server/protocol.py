@@ -127,6 +127,7 @@ class POP3ServerProtocol(Protocol):
         self._sasl_pending = False
         self._login_method = "USER"
         self._rejected = False
+        self._connected_at = 0.0
         #: RFC 6856: UTF8 mode and the language of response texts
         self.utf8 = False
         self.language = "en"
@@ -157,7 +158,7 @@ class POP3ServerProtocol(Protocol):
         if config.apop and self._plaintext_allowed():
             self.auth = Authorization(apop_timestamp(config.hostname))
         transport.registerProducer(self, True)
-        self._last_activity = self.factory.clock.seconds()
+        self._last_activity = self._connected_at = self.factory.clock.seconds()
         self._reset_idle_timer()
         if config.login_timeout > 0:
             self._login_call = self.factory.clock.callLater(config.login_timeout, self._login_timed_out)
@@ -205,9 +206,14 @@ class POP3ServerProtocol(Protocol):
             # A dropped or timed-out connection never reaches UPDATE: nothing is deleted.
             self._release_mailbox()
         stats = self.session.stats if self.session is not None else None
-        self._event("logout", reason=self.end_reason, tls=self.tls,
+        # One summary line per session, in the spirit of Dovecot's pop3_logout_format.
+        listing = self.session.listing if self.session is not None else ()
+        self._event("logout", reason=self.end_reason, tls=self.tls, method=self._login_method,
+                    seconds=round(self.factory.clock.seconds() - self._connected_at, 3),
+                    messages=len(listing), size=sum(m.size for m in listing),
                     retr=stats.retr if stats else 0, retr_bytes=stats.retr_bytes if stats else 0,
-                    top=stats.top if stats else 0, deleted=stats.deleted if stats else 0,
+                    top=stats.top if stats else 0, top_bytes=stats.top_bytes if stats else 0,
+                    deleted=stats.deleted if stats else 0,
                     deleted_bytes=stats.deleted_bytes if stats else 0)
         self.factory.connection_closed(self)
 
