@@ -761,6 +761,11 @@ class PasswdFileChecker:
         self._maybe_reload()
         return self._records.get(user)
 
+    def records(self) -> list[PasswdRecord]:
+        """Every entry of the file (re-read first if it changed), in file order."""
+        self._maybe_reload()
+        return list(self._records.values())
+
     def home(self, user: str) -> str | None:
         """The home directory of C{user}, or C{None}."""
         rec = self.record(user)

@@ -133,7 +133,7 @@ def mechanisms_for_checker(checker: Any, base: str = DEFAULT_MECHANISMS) -> str:
     """
     from popservice.auth.passwdfile import SCRAM_EXTRA_FIELDS
 
-    records = list(getattr(checker, "_records", {}).values())
+    records = list(checker.records())
     usable = [r for r in records if r.scheme is not None]
 
     def works(name: str) -> bool:

@@ -107,6 +107,14 @@ class POP3ServerProtocol(Protocol):
     end_reason = "disconnected"
 
     def __init__(self) -> None:
+        # Every attribute is created here, in one order, so instances share
+        # their dict keys (a few hundred bytes less per idle connection).
+        self.factory = None  # type: ignore[assignment]
+        self.transport = None
+        self.state = State.AUTHORIZATION
+        self.session = None
+        self.user = None
+        self.end_reason = "disconnected"
         self.reader = wire.LineReader(wire.MAX_COMMAND_LINE)
         self.auth = Authorization(None)
         self.peer_host: str | None = None

@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import operator
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
@@ -100,6 +100,8 @@ _UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
 _W_RE = re.compile(r",W=([0-9]{1,18})(?=,|\Z)")
 _DIGITS_RE = re.compile(r"[0-9]+\Z")
 _INDEX_HEADER_RE = re.compile(r"popservice-uidlist 1 V([0-9]{1,10}) N([0-9]{1,12})\Z")
+
+_SIZE_OF = operator.itemgetter(1)
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -231,25 +233,27 @@ class DovecotUIDLFormat:
 # The index
 
 
-@dataclass
-class _Entry:
-    uidl: str
-    size: int
+#: An index entry: (UIDL, transmitted size); size -1 for a taken-over UIDL
+#: whose file could not be read yet.
+_Entry = tuple[str, int]
 
 
 class _Index:
     """The UIDL/size index of one Maildir, in memory."""
 
-    def __init__(self, uidvalidity: int, next_uid: int) -> None:
+    __slots__ = ("uidvalidity", "next_uid", "entries", "_used")
+
+    def __init__(self, uidvalidity: int, next_uid: int, entries: dict[str, _Entry] | None = None) -> None:
         self.uidvalidity = uidvalidity
         self.next_uid = max(1, next_uid)
-        self.entries: dict[str, _Entry] = {}
+        #: base name -> entry; in file order when parsed
+        self.entries: dict[str, _Entry] = {} if entries is None else entries
         self._used: set[str] | None = None
 
     def new_uidl(self) -> str:
         """The next UIDL: C{%08x%08x} of (counter, uidvalidity); never one in use."""
         if self._used is None:
-            self._used = {e.uidl for e in self.entries.values()}
+            self._used = {e[0] for e in self.entries.values()}
         while True:
             n = self.next_uid
             self.next_uid += 1
@@ -259,12 +263,40 @@ class _Index:
                 return uidl
 
     def serialise(self) -> bytes:
+        entries = self.entries
         lines = [f"{_INDEX_HEADER} V{self.uidvalidity} N{self.next_uid}\n"]
-        for base in sorted(self.entries, key=message_sort_key):
-            e = self.entries[base]
+        for base in _sorted_bases(list(entries)):
+            uidl, size = entries[base]
             # "-": a taken-over UIDL whose file could not be read yet; kept, not listed
-            lines.append(f"{e.uidl} {e.size if e.size >= 0 else '-'} {base}\n")
+            lines.append(f"{uidl} {size if size >= 0 else '-'} {base}\n")
         return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _plain_order(bases: list[str]) -> bool:
+    """
+    Is plain string order the L{message_sort_key} order of C{bases}?  It is
+    when every base name starts with a time stamp of the same number of digits
+    followed by C{.} (all names delivered since 2001), and checking that costs
+    no per-name Python code.
+    """
+    if not bases:
+        return True
+    width = bases[0].find(".")
+    if width <= 0:
+        return False
+    heads = "".join(map(operator.itemgetter(slice(0, width + 1)), bases))
+    n = len(bases)
+    if len(heads) != n * (width + 1) or heads[width::width + 1] != "." * n:
+        return False
+    digits = heads.replace(".", "")
+    return len(digits) == n * width and digits.isascii() and digits.isdigit()
+
+
+def _sorted_bases(bases: list[str]) -> list[str]:
+    """C{bases} sorted by L{message_sort_key} (fast on sorted or nearly sorted input)."""
+    if _plain_order(bases):
+        return sorted(bases)
+    return sorted(bases, key=message_sort_key)
 
 
 def _fresh_uidvalidity(previous: int | None = None) -> int:
@@ -283,14 +315,49 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def _parse_index_lines_fast(body: str) -> dict[str, _Entry] | None:
+    """
+    The entries of a well-formed index body (every line C{<uidl> <size> <base>}
+    with a space-free base name, sizes all known, no blank line), split with a
+    few whole-text operations; C{None} when the body is not of that simple kind.
+    """
+    if not body:
+        return {}
+    n = body.count("\n")
+    if body[-1] != "\n" or body.count(" ") != 2 * n or "\n\n" in body or body[0] == "\n":
+        return None
+    # "u s b\n" -> "u s b \n " -> [u, s, b, "\n", ...]: a line end in every fourth
+    # field, and only there, proves that each line has exactly three fields
+    fields = body.replace("\n", " \n ").split(" ")
+    fields.pop()  # the "" after the last line end
+    if len(fields) != 4 * n or fields[3::4].count("\n") != n:
+        return None
+    uidls, sizes, bases = fields[0::4], fields[1::4], fields[2::4]
+    if "" in uidls or "" in sizes or "" in bases or max(map(len, uidls)) > 70:
+        return None
+    joined = "".join(uidls)
+    # (no space can be left in a field: isprintable() then means 0x21-0x7E)
+    if not (joined.isascii() and joined.isprintable()):
+        return None
+    joined = "".join(sizes)
+    if not (joined.isascii() and joined.isdigit()):
+        return None
+    return dict(zip(bases, zip(uidls, map(int, sizes), strict=True), strict=True))
+
+
 def parse_index(text: str, where: str = INDEX_FILE_NAME) -> _Index | None:
     """Parse a popservice index; C{None} when its header is unreadable."""
-    lines = text.split("\n")
-    m = _INDEX_HEADER_RE.match(lines[0])
+    head, _, body = text.partition("\n")
+    m = _INDEX_HEADER_RE.match(head)
     if not m:
         return None
     index = _Index(int(m.group(1)), int(m.group(2)))
-    for lineno, line in enumerate(lines[1:], start=2):
+    entries = _parse_index_lines_fast(body)
+    if entries is not None:
+        index.entries = entries
+        return index
+    entries = index.entries
+    for lineno, line in enumerate(body.split("\n"), start=2):
         if not line:
             continue
         parts = line.split(" ", 2)
@@ -299,7 +366,7 @@ def parse_index(text: str, where: str = INDEX_FILE_NAME) -> _Index | None:
             log.warn("{where}: skipping malformed line {lineno} (its message gets a new UIDL)",
                      where=where, lineno=lineno)
             continue
-        index.entries[parts[2]] = _Entry(parts[0], int(parts[1]) if parts[1] != "-" else -1)
+        entries[parts[2]] = (parts[0], int(parts[1]) if parts[1] != "-" else -1)
     return index
 
 
@@ -364,7 +431,7 @@ def parse_dovecot_uidlist(
             continue
         if "W" in ext and _DIGITS_RE.match(ext["W"]):
             sizes[base] = int(ext["W"])
-        index.entries[base] = _Entry(uidl, -1)
+        index.entries[base] = (uidl, -1)
     index.next_uid = max(index.next_uid, max_uid + 1)
     return index, sizes
 
@@ -421,7 +488,7 @@ def parse_courier_sizelist(text: str) -> _Index | None:
             uidl = f"UID{n}"
         if not _UIDL_RE.match(uidl):
             continue
-        index.entries[base_name(filename)] = _Entry(uidl, -1)
+        index.entries[base_name(filename)] = (uidl, -1)
     return index
 
 
@@ -429,14 +496,22 @@ def parse_courier_sizelist(text: str) -> _Index | None:
 # The store
 
 
-@dataclass
-class _Message:
-    base: str
-    #: path relative to the Maildir, e.g. "cur/123.abc:2,S"; updated when found elsewhere
-    relpath: str
-    size: int
-    uid: str
-    deleted: bool = False
+class _Scan(NamedTuple):
+    """The session listing of a Maildir, oldest first, as parallel lists."""
+
+    #: where each message is: its name in cur/ (most), else C{"new/<name>"}; see L{_relpath}
+    files: list[str]
+    infos: list[MessageInfo]
+
+
+def _relpath(file: str) -> str:
+    """The path, relative to the Maildir, of an entry of L{_Scan.files}."""
+    return file if "/" in file else "cur/" + file
+
+
+def _file_base(file: str) -> str:
+    """The base name of an entry of L{_Scan.files}."""
+    return base_name(file.rpartition("/")[2])
 
 
 @implementer(IMailStore)
@@ -604,41 +679,58 @@ def _index_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _regular_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def _list_messages(path: str, sub: str) -> list[str]:
     """Regular, non-dot files of C{path/sub}; a missing directory is empty."""
-    names = []
     try:
         with os.scandir(os.path.join(path, sub)) as it:
-            for entry in it:
-                if not _acceptable_name(entry.name):
-                    if entry.name and not entry.name.startswith("."):
-                        log.warn("skipping Maildir file with a line end in its name in {path}", path=path)
-                    continue
-                try:
-                    if not entry.is_file(follow_symlinks=False):
-                        continue
-                except OSError:
-                    continue
-                names.append(entry.name)
+            try:
+                # (is_file uses the directory entry's type: no stat per file)
+                names = [entry.name for entry in it if entry.is_file(follow_symlinks=False)]
+            except OSError:
+                names = None
+        if names is None:  # a type had to be looked up and that failed: once more, carefully
+            with os.scandir(os.path.join(path, sub)) as it:
+                names = [entry.name for entry in it if _regular_file(entry)]
     except FileNotFoundError:
         return []
+    # one check over all names instead of one per name (scandir gives no empty name)
+    joined = "\0".join(names)
+    if joined and (joined[0] in ".:" or "\0." in joined or "\0:" in joined
+                   or "\n" in joined or "\r" in joined):
+        names = [name for name in names if _acceptable_listed_name(name, path)]
     return names
 
 
+def _acceptable_listed_name(name: str, path: str) -> bool:
+    if _acceptable_name(name):
+        return True
+    if not name.startswith("."):
+        log.warn("skipping Maildir file with a line end in its name in {path}", path=path)
+    return False
+
+
 def _find_all(path: str) -> dict[str, str]:
-    """Base name -> path relative to C{path}, over cur/ then new/."""
-    found: dict[str, str] = {}
-    for sub in ("cur", "new"):
-        for name in _list_messages(path, sub):
-            found.setdefault(base_name(name), os.path.join(sub, name))
+    """Base name -> entry of L{_Scan.files}, over cur/ then new/ (cur/ wins)."""
+    names = _list_messages(path, "cur")
+    found = dict(zip([name.partition(":")[0] for name in names], names, strict=True))
+    for name in _list_messages(path, "new"):
+        found.setdefault(base_name(name), "new/" + name)
     return found
 
 
 def _find_one(path: str, base: str) -> str | None:
+    """The entry of L{_Scan.files} of the message C{base}, if it is still there."""
     for sub in ("cur", "new"):
         for name in _list_messages(path, sub):
             if base_name(name) == base:
-                return os.path.join(sub, name)
+                return name if sub == "cur" else "new/" + name
     return None
 
 
@@ -737,54 +829,64 @@ def _move_new_to_cur(path: str) -> None:
             log.warn("cannot move {name} from new/ to cur/: {error}", name=name, error=e)
 
 
-def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> list[_Message]:
+def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
     """
     The session listing of the Maildir at C{path}, oldest first, after moving
     new/ to cur/ and bringing the index up to date.  Runs in a thread.
+
+    When the files match the index (a warm login with nothing new), this is a
+    handful of whole-list operations: no per-message Python code but the
+    making of the L{MessageInfo}s, and the index is not rewritten.
     """
     _move_new_to_cur(path)
     with _index_lock(path):
         index, import_sizes, dirty = _load_index(path, uidl_format)
+        entries = index.entries
         found = _find_all(path)
-        missing = [b for b in index.entries if b not in found]
-        if missing:
-            # a rename by another program between two listings could hide a file
-            # for a moment: look once more before forgetting its UIDL
-            found.update({b: p for b, p in _find_all(path).items() if b not in found})
-            for b in missing:
-                if b not in found:
-                    del index.entries[b]
-                    dirty = True
+        candidates = list(entries)
+        if entries.keys() != found.keys():
+            missing = entries.keys() - found.keys()
+            if missing:
+                # a rename by another program between two listings could hide a file
+                # for a moment: look once more before forgetting its UIDL
+                found = {**_find_all(path), **found}
+                for b in missing:
+                    if b not in found:
+                        del entries[b]
+                        dirty = True
+                candidates = list(entries)
+            candidates += found.keys() - entries.keys()  # new messages
+        # the index is kept in this order: sorting it again is cheap
+        order = _sorted_bases(candidates)
         fresh: set[str] = set()
-        messages: list[_Message] = []
-        for base in sorted(found, key=message_sort_key):
-            relpath = found[base]
-            entry = index.entries.get(base)
-            w = _w_size(base)
-            if entry is not None and entry.size < 0:  # taken over, size not known yet
-                size = w if w is not None else import_sizes.get(base)
+        if len(order) != len(entries) or (entries and min(map(_SIZE_OF, entries.values())) < 0):
+            # new messages, or taken-over UIDLs without a size: in order, so that
+            # new UIDLs are given oldest first
+            unlisted: set[str] = set()
+            for base in order:
+                entry = entries.get(base)
+                if entry is not None and entry[1] >= 0:
+                    continue
+                size = _w_size(base)
+                if size is None and entry is not None:
+                    size = import_sizes.get(base)
                 if size is None:
+                    relpath = _relpath(found[base])
                     try:
                         size = compute_size(os.path.join(path, relpath))
                     except OSError as e:
+                        # a taken-over UIDL is kept (not listed) until its file can be read
                         log.warn("skipping unreadable message {file}: {error}", file=relpath, error=e)
+                        unlisted.add(base)
                         continue
-                entry.size = size
-                dirty = True
-            elif entry is None:
-                if w is not None:
-                    size = w
+                if entry is None:
+                    entries[base] = (index.new_uidl(), size)
+                    fresh.add(base)
                 else:
-                    try:
-                        size = compute_size(os.path.join(path, relpath))
-                    except OSError as e:
-                        log.warn("skipping unreadable message {file}: {error}", file=relpath, error=e)
-                        continue
-                entry = index.entries[base] = _Entry(index.new_uidl(), size)
-                fresh.add(base)
+                    entries[base] = (entry[0], size)
                 dirty = True
-            size = w if w is not None else entry.size
-            messages.append(_Message(base, relpath, size, entry.uidl))
+            if unlisted:
+                order = [b for b in order if b not in unlisted]
         if dirty:
             try:
                 _write_index(path, index)
@@ -793,8 +895,21 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> list[_Message]:
                 # change at the next login.  New messages wait for a writable index.
                 log.error("cannot write {file} in {path} ({error}): hiding {count} new messages",
                           file=INDEX_FILE_NAME, path=path, error=e, count=len(fresh))
-                messages = [m for m in messages if m.base not in fresh]
-    return messages
+                if fresh:
+                    order = [b for b in order if b not in fresh]
+    if not order:
+        return _Scan([], [])
+    uidls, stored_sizes = zip(*map(entries.__getitem__, order), strict=True)
+    sizes: Sequence[int] = stored_sizes
+    if ",W=" in "\0".join(order):
+        # the size in the name wins (other programs trust it too)
+        sizes = list(stored_sizes)
+        for i, base in enumerate(order):
+            if ",W=" in base:
+                w = _w_size(base)
+                if w is not None:
+                    sizes[i] = w
+    return _Scan(list(map(found.__getitem__, order)), list(map(MessageInfo, sizes, uidls)))
 
 
 def _remove_from_index(path: str, bases: Sequence[str]) -> None:
@@ -850,42 +965,47 @@ class MaildirMailbox:
     0-based positions in it.
     """
 
-    def __init__(self, path: str, messages: list[_Message], lock: IMailboxLock | None) -> None:
+    __slots__ = ("path", "_files", "_infos", "_deleted", "_lock", "_closed")
+
+    def __init__(self, path: str, scan: _Scan, lock: IMailboxLock | None) -> None:
         self.path = path
-        self._messages = messages
+        # per message only its file name (shared with the scan) and its
+        # MessageInfo (shared with the session's listing): no record object
+        self._files = scan.files
+        self._infos = scan.infos
+        self._deleted: set[int] = set()
         self._lock = lock
         self._closed = False
-        self._infos = [MessageInfo(size=m.size, uid=m.uid) for m in messages]
 
     def listing(self) -> "defer.Deferred[list[MessageInfo]]":
         return defer.succeed(list(self._infos))
 
-    def _message(self, index: int) -> _Message:
+    def _check(self, index: int) -> None:
         if self._closed:
             raise MailboxUnavailable("mailbox closed")
-        if not 0 <= index < len(self._messages):
+        if not 0 <= index < len(self._files):
             raise IndexError(f"no message {index}")
-        return self._messages[index]
 
-    def _open_file(self, msg: _Message) -> BinaryIO:
+    def _open_file(self, index: int) -> BinaryIO:
         for attempt in (0, 1):
             try:
-                return open(os.path.join(self.path, msg.relpath), "rb", opener=_nofollow_opener)
+                return open(os.path.join(self.path, _relpath(self._files[index])), "rb",
+                            opener=_nofollow_opener)
             except FileNotFoundError:
                 if attempt:
                     break
-                relpath = _find_one(self.path, msg.base)
-                if relpath is None:
+                file = _find_one(self.path, _file_base(self._files[index]))
+                if file is None:
                     break
-                msg.relpath = relpath
-        raise MessageGone(f"message {msg.base} is gone")
+                self._files[index] = file
+        raise MessageGone(f"message {_file_base(self._files[index])} is gone")
 
     def open(self, index: int) -> "defer.Deferred[IMessageStream]":
         try:
-            msg = self._message(index)
-            if msg.deleted:
+            self._check(index)
+            if index in self._deleted:
                 raise MessageGone("message deleted")
-            f = self._open_file(msg)
+            f = self._open_file(index)
         except (MessageGone, MailboxUnavailable, IndexError) as e:
             return defer.fail(e)
         except OSError as e:
@@ -897,28 +1017,30 @@ class MaildirMailbox:
         removed: list[str] = []
         where: dict[str, str] | None = None
         for i in indices:
-            if not 0 <= i < len(self._messages):
+            if not 0 <= i < len(self._files):
                 failed.append(i)
                 continue
-            msg = self._messages[i]
-            if msg.deleted:
+            if i in self._deleted:
                 continue
+            file = self._files[i]
+            base = _file_base(file)
             try:
                 try:
-                    os.unlink(os.path.join(self.path, msg.relpath))
+                    os.unlink(os.path.join(self.path, _relpath(file)))
                 except FileNotFoundError:
                     if where is None:
                         where = _find_all(self.path)
-                    relpath = where.get(msg.base)
-                    if relpath is not None:
+                    other = where.get(base)
+                    if other is not None:
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(self.path, relpath))
+                            os.unlink(os.path.join(self.path, _relpath(other)))
             except OSError as e:
-                log.warn("cannot delete {file} in {path}: {error}", file=msg.relpath, path=self.path, error=e)
+                log.warn("cannot delete {file} in {path}: {error}",
+                         file=_relpath(file), path=self.path, error=e)
                 failed.append(i)
                 continue
-            msg.deleted = True
-            removed.append(msg.base)
+            self._deleted.add(i)
+            removed.append(base)
         if removed:
             try:
                 _remove_from_index(self.path, removed)
@@ -953,4 +1075,4 @@ class MaildirMailbox:
             log.failure("releasing the lock of {path}", path=self.path)
 
     def __repr__(self) -> str:
-        return f"<MaildirMailbox {self.path!r}, {len(self._messages)} messages>"
+        return f"<MaildirMailbox {self.path!r}, {len(self._files)} messages>"

@@ -93,7 +93,7 @@ class MpopTests(unittest.TestCase):
         self.check_all("alice", "--auth=user", "--tls=off")
 
     def apop_logins(self) -> int:
-        return self.world.log_text().count("method=APOP")
+        return self.world.logins("APOP")
 
     def test_apop(self) -> None:
         before = self.apop_logins()

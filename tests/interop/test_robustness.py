@@ -68,7 +68,7 @@ def build(world: World) -> None:
     world.add_passwd_line("%s:{PLAIN}longpw:::::" % ("L" * 1000))
 
 
-def read_multiline_hashed(c: RawPOP, sampler_pause: float = 0.0) -> tuple[str, int]:
+def read_multiline_hashed(c: RawPOP) -> tuple[str, int]:
     """Read a multi-line body off C{c} (status line already read): (sha256, length) with stuffing undone."""
     h = hashlib.sha256()
     length = 0

@@ -439,6 +439,12 @@ class World:
         with open(self.log, errors="replace") as f:
             return f.read()
 
+    def logins(self, method: str) -> int:
+        """How many successful logins by C{method} (USER, APOP, ...) the server has logged."""
+        return sum(
+            1 for line in self.log_text().splitlines() if "pop3 login:" in line and " method=%s " % method in line
+        )
+
     # inspecting
 
     def maildir(self, user: str) -> str:
