@@ -56,24 +56,28 @@ def build(box: str, count: int) -> None:
             f.write(b"Subject: message %d\n\n" % i + BODY)
 
 
-def median_ms(fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None) -> float:
+def timings_ms(fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None) -> list[float]:
     times = []
     for _ in range(runs):
         if before is not None:
             before()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def clear_cache() -> None:
+    clear = getattr(maildir, "_clear_index_cache", None)  # absent before the cache existed
+    if clear is not None:
+        clear()
 
 
 def forget_index(box: str) -> None:
-    with_path = os.path.join(box, INDEX_FILE_NAME)
-    if os.path.exists(with_path):
-        os.unlink(with_path)
-    clear = getattr(maildir, "_clear_index_cache", None)
-    if clear is not None:
-        clear()
+    index = os.path.join(box, INDEX_FILE_NAME)
+    if os.path.exists(index):
+        os.unlink(index)
+    clear_cache()
 
 
 def twisted_open(box: str) -> None:
@@ -82,23 +86,39 @@ def twisted_open(box: str) -> None:
     assert isinstance(sizes, list)
 
 
-def memory_per_message(box: str, count: int) -> tuple[float, float]:
-    """(bytes kept per message by an opened mailbox, bytes per message of any process-wide cache)."""
-    scan_maildir(box, FORMAT)  # warm
+def traced(fn: Callable[[], object]) -> tuple[object, int]:
     gc.collect()
     tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    clear = getattr(maildir, "_clear_index_cache", None)
-    mbox = MaildirMailbox(box, scan_maildir(box, FORMAT), None)
-    gc.collect()
-    with_mbox = tracemalloc.get_traced_memory()[0]
-    del mbox
-    gc.collect()
-    after = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    if clear is not None:
-        clear()
-    return (with_mbox - after) / count, (after - base) / count
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        gc.collect()
+        return result, tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+
+
+def memory_per_message(box: str, count: int) -> tuple[float, float]:
+    """
+    (bytes an opened mailbox holds per message, with no listing cache;
+    bytes per message the process-wide listing cache keeps after the session).
+    """
+    scan_maildir(box, FORMAT)  # the index is up to date
+    cache = getattr(maildir, "_listing_cache", None)
+    clear_cache()
+    minimum = cache.minimum if cache is not None else 0
+    if cache is not None:
+        cache.minimum = sys.maxsize  # nothing is cached
+    try:
+        mbox, session = traced(lambda: MaildirMailbox(box, scan_maildir(box, FORMAT), None))
+        del mbox
+    finally:
+        if cache is not None:
+            cache.minimum = minimum
+    clear_cache()
+    _, kept = traced(lambda: MaildirMailbox(box, scan_maildir(box, FORMAT), None))  # dropped at once
+    clear_cache()
+    return session / count, kept / count
 
 
 async def store_open_ms(store: MaildirStore, user: str, runs: int) -> list[float]:
@@ -117,29 +137,32 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="1000,10000", help="comma-separated message counts")
     parser.add_argument("--runs", type=int, default=10, help="runs per measurement (median)")
-    parser.add_argument("--cold-runs", type=int, default=3, help="runs of the cold scan (median)")
+    parser.add_argument("--cold-runs", type=int, default=3, help="runs of the cold scan")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     tmp = tempfile.mkdtemp(prefix="maildir-bench-")
     try:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for count in counts:
             user = f"u{count}"
             box = os.path.join(tmp, user)
             build(box, count)
-            cold = median_ms(lambda b=box: scan_maildir(b, FORMAT), args.cold_runs,
-                             before=lambda b=box: forget_index(b))
+            row: dict[str, Any] = {"count": count, "user": user}
+            row["cold"] = timings_ms(lambda b=box: scan_maildir(b, FORMAT), args.cold_runs,
+                                     before=lambda b=box: forget_index(b))
             scan_maildir(box, FORMAT)
-            warm = median_ms(lambda b=box: scan_maildir(b, FORMAT), args.runs)
-            twisted = median_ms(lambda b=box: twisted_open(b), args.runs)
-            per_session, per_process = memory_per_message(box, count)
-            rows.append([count, cold, warm, twisted, per_session, per_process, box, user])
+            row["uncached"] = timings_ms(lambda b=box: scan_maildir(b, FORMAT), args.runs, before=clear_cache)
+            scan_maildir(box, FORMAT)
+            row["warm"] = timings_ms(lambda b=box: scan_maildir(b, FORMAT), args.runs)
+            row["twisted"] = timings_ms(lambda b=box: twisted_open(b), args.runs)
+            row["session"], row["cache"] = memory_per_message(box, count)
+            rows.append(row)
 
         async def opens(reactor: object) -> None:
             store = MaildirStore(os.path.join(tmp, "%u"))
             for row in rows:
-                await store_open_ms(store, str(row[7]), 2)  # warm the thread pool and caches
-                row.append(statistics.median(await store_open_ms(store, str(row[7]), args.runs)) * 1000)
+                await store_open_ms(store, row["user"], 2)  # warm the thread pool and the cache
+                row["open"] = [t * 1000 for t in await store_open_ms(store, row["user"], args.runs)]
             report(rows, args.runs)
 
         try:
@@ -151,13 +174,23 @@ def main(argv: list[str]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(rows: list[list[Any]], runs: int) -> None:
-    print(f"median of {runs} runs (cold: of a few); times in ms; memory in bytes per message")
-    print(f"{'messages':>8} {'cold scan':>10} {'warm scan':>10} {'warm open':>10} "
-          f"{'twisted':>10} {'open/twisted':>12} {'mem/session':>12} {'mem/process':>12}")
-    for count, cold, warm, twisted, per_session, per_process, _box, _user, open_ms in rows:
-        print(f"{count:>8} {cold:>10.1f} {warm:>10.2f} {open_ms:>10.2f} {twisted:>10.2f} "
-              f"{open_ms / twisted:>12.2f} {per_session:>12.0f} {per_process:>12.0f}")
+def report(rows: list[dict[str, Any]], runs: int) -> None:
+    def ms(times: list[float]) -> str:
+        return f"{statistics.median(times):7.2f} ({min(times):6.2f})"
+
+    print(f"median (min) of {runs} runs, cold scans of fewer; ms")
+    print("  cold scan: no index, every file read; uncached: index parsed (listing cache emptied);")
+    print("  warm scan/open: as a repeated login sees it; open: MaildirStore.open_mailbox + listing;")
+    print("  twisted: twisted.mail.maildir.MaildirMailbox(path) + listMessages()")
+    print(f"{'messages':>8} {'cold scan':>16} {'uncached scan':>16} {'warm scan':>16} "
+          f"{'warm open':>16} {'twisted':>16} {'open/twisted':>12}")
+    for row in rows:
+        ratio = statistics.median(row["open"]) / statistics.median(row["twisted"])
+        print(f"{row['count']:>8} {ms(row['cold']):>16} {ms(row['uncached']):>16} {ms(row['warm']):>16} "
+              f"{ms(row['open']):>16} {ms(row['twisted']):>16} {ratio:>12.2f}")
+    print("memory, bytes per message: held by an open mailbox (without the cache) / kept by the cache")
+    for row in rows:
+        print(f"{row['count']:>8} {row['session']:>10.0f} / {row['cache']:.0f}")
 
 
 if __name__ == "__main__":

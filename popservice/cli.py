@@ -93,8 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_cli = None  # type: ignore[assignment]
     if client_cli is not None and hasattr(client_cli, "add_subcommands"):
         client_cli.add_subcommands(sub)
+    from popservice import admin
+
+    admin.add_subcommands(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    run_command = getattr(args, "func", None) or args.handler
+    return int(run_command(args) or 0)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ COMMANDS: dict[str, CommandSpec] = {
         # RFC 2449 CAPA, RFC 2595 STLS, RFC 5034 AUTH, RFC 6856 UTF8/LANG
         _spec("CAPA", _AT, multiline=True),
         _spec("STLS", _A),
-        _spec("AUTH", _A, ArgKind.WORD, ArgKind.WORD, required=0, max_arg_length=8192),
+        _spec("AUTH", _A, ArgKind.WORD, ArgKind.WORD, required=0, max_arg_length=16384),
         _spec("UTF8", _A),
         _spec("LANG", _AT, ArgKind.WORD, required=0),
     )

@@ -27,8 +27,12 @@ from popservice.server.policy import Policy, parse_networks
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
-def load_tls_options(certificate: str, key: str) -> ssl.CertificateOptions:
-    """A server TLS context from PEM files; the certificate file may carry the chain."""
+def load_tls_options(certificate: str, key: str, client_ca: str | None = None) -> ssl.CertificateOptions:
+    """
+    A server TLS context from PEM files; the certificate file may carry the
+    chain.  With C{client_ca}, client certificates are requested (not required)
+    and verified against it.
+    """
     with open(certificate, "rb") as f:
         cert_pem = f.read()
     with open(key, "rb") as f:
@@ -37,7 +41,14 @@ def load_tls_options(certificate: str, key: str) -> ssl.CertificateOptions:
     if not certs:
         raise ValueError("no certificate found in %s" % (certificate,))
     private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    return ssl.CertificateOptions(privateKey=private_key, certificate=certs[0], extraCertChain=certs[1:])
+    if client_ca is None:
+        return ssl.CertificateOptions(privateKey=private_key, certificate=certs[0], extraCertChain=certs[1:])
+    with open(client_ca, "rb") as f:
+        cas = [crypto.load_certificate(crypto.FILETYPE_PEM, m.group(0)) for m in _PEM_CERT.finditer(f.read())]
+    if not cas:
+        raise ValueError("no certificate found in %s" % (client_ca,))
+    return ssl.CertificateOptions(privateKey=private_key, certificate=certs[0], extraCertChain=certs[1:],
+                                  verify=True, caCerts=cas, requireCertificate=False)
 
 
 def make_store(description: str, lock: str) -> IMailStore:
@@ -94,6 +105,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["handshake-timeout", None, 10, "Seconds a TLS handshake may take.", float],
         ["login-delay", None, 0, "RFC 2449 LOGIN-DELAY: seconds between two logins of a user, "
          "enforced (per-user: passwd-file extra field login_delay=N).", int],
+        ["sasl", None, "auto", "SASL mechanisms for AUTH, comma-separated, in order of preference "
+         "(PLAIN, LOGIN, CRAM-MD5, DIGEST-MD5, SCRAM-SHA-1, SCRAM-SHA-256, EXTERNAL, OAUTHBEARER, "
+         "XOAUTH2), 'none', or 'auto': what every user's stored secret supports."],
+        ["tls-client-ca", None, None, "PEM CA certificate(s): request TLS client certificates on STLS "
+         "and verify them against these (for SASL EXTERNAL)."],
+        ["external-identity", None, "cn", "How EXTERNAL maps a client certificate to a user: "
+         "cn, email or email-localpart."],
+        ["oauth-keys", None, None, "PEM public key/certificate or JWKS file validating OAUTHBEARER/"
+         "XOAUTH2 JWT bearer tokens (offline)."],
+        ["oauth-issuer", None, None, "Required 'iss' of bearer tokens."],
+        ["oauth-audience", None, None, "Accepted 'aud' of bearer tokens."],
+        ["oauth-user-claim", None, "sub", "The token claim naming the user."],
+        ["master-users", None, "", "Comma-separated users allowed to log in as others with a PLAIN "
+         "authorization id."],
         ["expire", None, "NEVER", "RFC 2449 EXPIRE: NEVER or 0 (retrieved messages are deleted at "
          "QUIT); per-user: passwd-file extra field expire=N."],
     ]
@@ -136,13 +161,51 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--trusted-networks: %s" % (e,))
 
 
+def sasl_configuration(options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """C{--sasl} and the services mechanisms need, from options."""
+    from popservice.sasl import server as sasl_server
+
+    services: dict[str, Any] = {"external_identity": options["external-identity"]}
+    if options["master-users"]:
+        services["master_users"] = {u.strip() for u in options["master-users"].split(",") if u.strip()}
+    if options["oauth-keys"]:
+        from popservice.auth.tokens import JWTValidator
+
+        try:
+            services["token_validator"] = JWTValidator.from_file(
+                options["oauth-keys"], issuer=options["oauth-issuer"], audience=options["oauth-audience"],
+                user_claim=options["oauth-user-claim"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError("--oauth-keys: %s" % (e,))
+    text = options["sasl"]
+    if text.lower() == "auto":
+        passwd = next((c for c in options["credCheckers"] if hasattr(c, "records")), None)
+        text = (sasl_server.mechanisms_for_checker(passwd) if passwd is not None else "PLAIN,LOGIN")
+        if services.get("token_validator") is not None:
+            text += ",OAUTHBEARER,XOAUTH2"
+        if options["tls-client-ca"]:
+            text = "EXTERNAL," + text
+    try:
+        mechanisms = sasl_server.mechanisms_from_option(text)
+    except ValueError as e:
+        raise usage.UsageError("--sasl: %s" % (e,))
+    problems = sasl_server.missing_services(mechanisms, services, client_ca=bool(options["tls-client-ca"]))
+    if problems:
+        raise usage.UsageError("--sasl: " + "; ".join(problems))
+    return mechanisms, services
+
+
 def make_factory(options: Any) -> POP3ServerFactory:
     tls_context: ssl.CertificateOptions | None = None
     if options["tls-certificate"]:
         try:
-            tls_context = load_tls_options(options["tls-certificate"], options["tls-key"])
+            tls_context = load_tls_options(options["tls-certificate"], options["tls-key"],
+                                           client_ca=options["tls-client-ca"])
         except (OSError, ValueError, crypto.Error) as e:
             raise usage.UsageError("cannot load TLS certificate/key: %s" % (e,))
+    elif options["tls-client-ca"]:
+        raise usage.UsageError("--tls-client-ca needs --tls-certificate and --tls-key")
+    mechanisms, services = sasl_configuration(options)
     policy = Policy(allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
                     trusted_networks=options["trusted-networks"],
                     failure_delay=options["failure-delay"], max_failures=options["max-failures"],
@@ -151,7 +214,8 @@ def make_factory(options: Any) -> POP3ServerFactory:
                     handshake_timeout=options["handshake-timeout"], login_delay=options["login-delay"],
                     expire=options["expire"], trust_loopback=not options["untrusted-loopback"])
     config = ServerConfig(timeout=options["timeout"], login_timeout=options["login-timeout"],
-                          tls_context=tls_context, apop=not options["no-apop"], policy=policy)
+                          tls_context=tls_context, apop=not options["no-apop"], policy=policy,
+                          sasl=mechanisms, sasl_services=services)
     if options["hostname"]:
         config.hostname = options["hostname"]
     store = make_store(options["mail"], options["lock"])
@@ -159,9 +223,22 @@ def make_factory(options: Any) -> POP3ServerFactory:
                       lock_grace=options["lock-grace"], exclusive=options["lock"] == "exclusive")
 
 
+#: Twisted listens with a backlog of 50: a burst of connections then loses
+#: SYNs and clients stall 1-3 s.  Unless the endpoint string says otherwise:
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """Add C{backlog=DEFAULT_BACKLOG} to tcp/ssl endpoint strings that set none."""
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return "%s:backlog=%d" % (description, DEFAULT_BACKLOG)
+    return description
+
+
 def makeService(options: Any) -> service.IService:
     factory = make_factory(options)
     top = service.MultiService()
     for description in options["listen"]:
-        strports.service(description, factory).setServiceParent(top)
+        strports.service(with_backlog(description), factory).setServiceParent(top)
     return top

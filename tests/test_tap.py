@@ -62,6 +62,13 @@ class OptionsTests(unittest.TestCase):
                      ["--auth", "nosuchchecker:x"]):
             self.assertRaises(usage.UsageError, self.parse, "--auth", "memory:a:b", *argv)
 
+    def test_backlog_default(self) -> None:
+        self.assertEqual(tap.with_backlog("tcp:110"), "tcp:110:backlog=1024")
+        self.assertEqual(tap.with_backlog("ssl:995:privateKey=k:certKey=c"),
+                         "ssl:995:privateKey=k:certKey=c:backlog=1024")
+        self.assertEqual(tap.with_backlog("tcp:110:backlog=5"), "tcp:110:backlog=5")
+        self.assertEqual(tap.with_backlog("unix:/tmp/s"), "unix:/tmp/s")
+
     def test_unknown_store(self) -> None:
         options = self.parse("--auth", "memory:a:b", "--mail", "mbox:/tmp/x")
         self.assertRaises(usage.UsageError, tap.makeService, options)

@@ -115,7 +115,10 @@ class POP3ServerProtocol(Protocol):
         self.session = None
         self.user = None
         self.end_reason = "disconnected"
-        self.reader = wire.LineReader(wire.MAX_COMMAND_LINE)
+        # Before login AUTH lines may carry long initial responses (OAuth
+        # tokens; mpop sends them there), so the reader allows SASL_LINE and
+        # _handle_line holds every other command to RFC 2449's 255 octets.
+        self.reader = wire.LineReader(SASL_LINE)
         self.auth = Authorization(None)
         self.peer_host: str | None = None
         self.tls = False
@@ -401,7 +404,8 @@ class POP3ServerProtocol(Protocol):
             else:
                 self._sasl_line(line)
             return
-        if isinstance(line, wire.LineTooLong):
+        if isinstance(line, wire.LineTooLong) or (
+                len(line) + 2 > wire.MAX_COMMAND_LINE and line[:5].upper() != b"AUTH "):
             self._bad_command(wire.err("Command line too long"))
             return
         command = wire.parse_command(line)
@@ -559,7 +563,6 @@ class POP3ServerProtocol(Protocol):
     def _end_sasl(self) -> None:
         self._sasl = None
         self._sasl_pending = False
-        self.reader.max_length = wire.MAX_COMMAND_LINE
 
     def _sasl_step(self, response: bytes | None) -> None:
         mechanism = self._sasl
@@ -575,7 +578,6 @@ class POP3ServerProtocol(Protocol):
         if isinstance(result, Challenge):
             self._waiting = False
             self._sasl_pending = True
-            self.reader.max_length = SASL_LINE
             self._write(b"+ " + base64.b64encode(result.data) + wire.CRLF)
             self._run()
             return
@@ -690,6 +692,7 @@ class POP3ServerProtocol(Protocol):
         self.session = session
         self.user = name
         self.state = State.TRANSACTION
+        self.reader.max_length = wire.MAX_COMMAND_LINE
         self.factory.registry.register(name, self)
         if self._login_call is not None and self._login_call.active():
             self._login_call.cancel()

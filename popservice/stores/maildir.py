@@ -48,6 +48,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, NamedTuple
 
@@ -306,13 +307,19 @@ def _fresh_uidvalidity(previous: int | None = None) -> int:
     return max(v, 1)
 
 
-def _read_text(path: str) -> str | None:
-    """The file's text, or C{None} when it does not exist."""
+def _read_bytes(path: str) -> bytes | None:
+    """The file's content, or C{None} when it does not exist."""
     try:
         with open(path, "rb", opener=_nofollow_opener) as f:
-            return f.read().decode("utf-8", "surrogateescape")
+            return f.read()
     except FileNotFoundError:
         return None
+
+
+def _read_text(path: str) -> str | None:
+    """The file's text, or C{None} when it does not exist."""
+    data = _read_bytes(path)
+    return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
 def _parse_index_lines_fast(body: str) -> dict[str, _Entry] | None:
@@ -778,13 +785,16 @@ def _write_index(path: str, index: _Index) -> None:
         os.close(dfd)
 
 
-def _load_index(path: str, uidl_format: DovecotUIDLFormat) -> tuple[_Index, dict[str, int], bool]:
+def _load_index(
+    path: str, uidl_format: DovecotUIDLFormat, raw: bytes | None
+) -> tuple[_Index, dict[str, int], bool]:
     """
-    The index of C{path}: (index, sizes known from an import, dirty).
-    Falls back to taking over Dovecot's or Courier's UIDLs, then to a fresh index.
+    The index of C{path}, whose content is C{raw} (C{None}: there is none):
+    (index, sizes known from an import, dirty).  Falls back to taking over
+    Dovecot's or Courier's UIDLs, then to a fresh index.
     """
     index_path = os.path.join(path, INDEX_FILE_NAME)
-    text = _read_text(index_path)
+    text = None if raw is None else raw.decode("utf-8", "surrogateescape")
     previous_v: int | None = None
     if text is not None:
         index = parse_index(text, index_path)
@@ -811,6 +821,71 @@ def _load_index(path: str, uidl_format: DovecotUIDLFormat) -> tuple[_Index, dict
             return cindex, {}, True
         log.warn("{file} in {path} has an unknown format: not taken over", file=COURIER_SIZELIST, path=path)
     return _Index(_fresh_uidvalidity(previous_v), 1), {}, True
+
+
+class _ListingCache:
+    """
+    The listing last made from an index, per Maildir, for the life of the
+    process: a warm login of a big Maildir whose files still match the index
+    then neither parses the index nor makes its L{MessageInfo}s again.
+
+    An entry is used only when the index file's whole content equals the one
+    it was made from (so it is never stale, whoever wrote the file) and when
+    the Maildir holds exactly its messages.  Only Maildirs of at least
+    C{minimum} messages are kept, C{budget} messages in all (about 300 bytes
+    each), the least recently used dropped first.
+    """
+
+    def __init__(self, budget: int, minimum: int) -> None:
+        self.budget = budget
+        self.minimum = minimum
+        self._entries: OrderedDict[str, tuple[bytes, list[str], list[MessageInfo]]] = OrderedDict()
+        self._messages = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: str, raw: bytes) -> tuple[list[str], list[MessageInfo]] | None:
+        """(base names, infos) made from index content C{raw} of C{path}, if kept."""
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is None:
+                return None
+            if entry[0] != raw:
+                del self._entries[path]
+                self._messages -= len(entry[1])
+                return None
+            self._entries.move_to_end(path)
+            return entry[1], entry[2]
+
+    def put(self, path: str, raw: bytes, bases: list[str], infos: list[MessageInfo]) -> None:
+        """Keep the listing (never modified afterwards) made from index content C{raw}."""
+        if not self.minimum <= len(bases) <= self.budget:
+            return
+        with self._lock:
+            old = self._entries.pop(path, None)
+            if old is not None:
+                self._messages -= len(old[1])
+            self._entries[path] = (raw, bases, infos)
+            self._messages += len(bases)
+            while self._messages > self.budget:
+                _, dropped = self._entries.popitem(last=False)
+                self._messages -= len(dropped[1])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._messages = 0
+
+
+#: Messages kept in L{_ListingCache} (about 300 bytes each, so some 15 MB).
+LISTING_CACHE_MESSAGES = 50_000
+#: Smaller Maildirs are scanned fast enough without it.
+LISTING_CACHE_MINIMUM = 1_000
+_listing_cache = _ListingCache(LISTING_CACHE_MESSAGES, LISTING_CACHE_MINIMUM)
+
+
+def _clear_index_cache() -> None:
+    """Forget every cached listing (tests, benchmarks)."""
+    _listing_cache.clear()
 
 
 def _move_new_to_cur(path: str) -> None:
@@ -840,9 +915,16 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
     """
     _move_new_to_cur(path)
     with _index_lock(path):
-        index, import_sizes, dirty = _load_index(path, uidl_format)
-        entries = index.entries
+        raw = _read_bytes(os.path.join(path, INDEX_FILE_NAME))
         found = _find_all(path)
+        if raw is not None:
+            cached = _listing_cache.get(path, raw)
+            if cached is not None:
+                bases, cached_infos = cached
+                if len(found) == len(bases) and all(map(found.__contains__, bases)):
+                    return _Scan(list(map(found.__getitem__, bases)), cached_infos)
+        index, import_sizes, dirty = _load_index(path, uidl_format, raw)
+        entries = index.entries
         candidates = list(entries)
         if entries.keys() != found.keys():
             missing = entries.keys() - found.keys()
@@ -859,7 +941,8 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
         # the index is kept in this order: sorting it again is cheap
         order = _sorted_bases(candidates)
         fresh: set[str] = set()
-        if len(order) != len(entries) or (entries and min(map(_SIZE_OF, entries.values())) < 0):
+        work = len(order) != len(entries) or bool(entries and min(map(_SIZE_OF, entries.values())) < 0)
+        if work:
             # new messages, or taken-over UIDLs without a size: in order, so that
             # new UIDLs are given oldest first
             unlisted: set[str] = set()
@@ -909,7 +992,11 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
                 w = _w_size(base)
                 if w is not None:
                     sizes[i] = w
-    return _Scan(list(map(found.__getitem__, order)), list(map(MessageInfo, sizes, uidls)))
+    infos = list(map(MessageInfo, sizes, uidls))
+    if raw is not None and not dirty and not work:
+        # the listing follows from the index content alone (the files matched it)
+        _listing_cache.put(path, raw, order, infos)
+    return _Scan(list(map(found.__getitem__, order)), infos)
 
 
 def _remove_from_index(path: str, bases: Sequence[str]) -> None:

@@ -441,9 +441,8 @@ class World:
 
     def logins(self, method: str) -> int:
         """How many successful logins by C{method} (USER, APOP, ...) the server has logged."""
-        return sum(
-            1 for line in self.log_text().splitlines() if "pop3 login:" in line and " method=%s " % method in line
-        )
+        tag = " method=%s " % method
+        return sum(1 for line in self.log_text().splitlines() if "pop3 login:" in line and tag in line)
 
     # inspecting
 
