@@ -3,6 +3,10 @@ The seams of popservice, as zope interfaces, and nothing else.
 
 Every call that may touch a disk or a database returns a Deferred, so a
 store backed by PostgreSQL (or anything slow) never blocks the reactor.
+
+The SASL seam (ISASLServerMechanism) lives with its value types in
+L{popservice.sasl.base}; the bearer-token seam (ITokenValidator) in
+L{popservice.auth.tokens}.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -118,16 +122,3 @@ class ISessionObserver(Interface):
 
     def event(name: str, session: object, **fields: object) -> None:
         """Record event C{name} of C{session} with structured C{fields}."""
-
-
-class ISASLMechanism(Interface):
-    """A server-side SASL mechanism (RFC 5034 AUTH, RFC 4422)."""
-
-    name = Attribute("The IANA mechanism name, upper case, e.g. 'PLAIN'.")
-    plaintext = Attribute("True if the password crosses the wire recoverably.")
-
-    def start(initial: "bytes | None") -> object:
-        """First step; returns (challenge bytes or None, credentials or None)."""
-
-    def step(response: bytes) -> object:
-        """Next step; same return shape as L{start}."""
