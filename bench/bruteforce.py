@@ -100,7 +100,7 @@ async def legit(source: str, port: int, user: str, password: str, out: list[floa
         try:
             elapsed, answer = await asyncio.wait_for(session(source, port, user, password), 30)
             out.append(elapsed if answer.startswith(b"+OK") else float("inf"))
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             out.append(float("inf"))
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
 
@@ -132,8 +132,8 @@ async def run(port: int, attempts: int, parallel: int, seconds: float) -> None:
     for lo, hi in ((1, 5), (6, 20), (21, 50), (51, 100), (101, 200), (201, 10**9)):
         chunk = [d for i, d in delays if lo <= i <= hi]
         if chunk:
-            print("  attempts %4d-%-4s  median %.2f  max %.2f" % (lo, hi if hi < 10**9 else "", statistics.median(chunk),
-                                                                  max(chunk)))
+            label = "%4d-%-4s" % (lo, hi if hi < 10**9 else "")
+            print("  attempts %s  median %.2f  max %.2f" % (label, statistics.median(chunk), max(chunk)))
     for name, values in (("owner alice, same address, right password", owner),
                          ("bob from 127.0.0.2, right password", other)):
         ok = [v for v in values if v != float("inf")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -23,9 +23,9 @@ class EchoMechanism:
 
     def __init__(self, context: SASLContext) -> None:
         self.context = context
-        self.user: Optional[bytes] = None
+        self.user: bytes | None = None
 
-    def step(self, response: Optional[bytes]) -> SASLStep:
+    def step(self, response: bytes | None) -> SASLStep:
         if self.user is None:
             if not response:
                 return Challenge(b"who?")

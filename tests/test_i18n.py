@@ -46,7 +46,7 @@ class UTF8AndLang(ServerMixin, unittest.TestCase):
     def test_lang_list_and_switch(self) -> Any:
         client = yield self.connect()
         first, body = yield client.command_multi(b"LANG")
-        self.assertEqual(body, "en English\r\nde Deutsch\r\n".encode())
+        self.assertEqual(body, b"en English\r\nde Deutsch\r\n")
         r = yield client.command(b"LANG de")
         self.assertTrue(r.startswith(b"+OK de "), r)
         r = yield client.command(b"STAT")
@@ -67,6 +67,6 @@ class UTF8AndLang(ServerMixin, unittest.TestCase):
     def test_every_fixed_text_has_a_translation_or_number_pattern(self) -> None:
         self.assertEqual(i18n.translate("17 octets", "de"), "17 Oktette")
         self.assertEqual(i18n.localise(b"-ERR [IN-USE] Mailbox is locked by another session\r\n", "de"),
-                         "-ERR [IN-USE] Postfach wird von einer anderen Sitzung benutzt\r\n".encode())
+                         b"-ERR [IN-USE] Postfach wird von einer anderen Sitzung benutzt\r\n")
         self.assertEqual(i18n.localise(b"+OK\r\n", "de"), b"+OK\r\n")
         self.assertEqual(i18n.choose("DE-at"), "de")

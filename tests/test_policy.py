@@ -23,7 +23,8 @@ class PolicyTestCase(ServerMixin, unittest.TestCase):
         self.clock = task.Clock()
         self.store = MemoryStore({"alice": list(MSGS)})
         policy = Policy(**{"failure_delay": 0, **kw})
-        self.listen(make_factory(self.store, [memory_checker(alice="secret")], clock=self.clock, policy=policy))
+        self.listen(make_factory(self.store, [memory_checker(alice="secret")], clock=self.clock,
+                                 policy=policy))
 
 
 class ConnectionCaps(PolicyTestCase):

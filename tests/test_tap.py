@@ -143,7 +143,8 @@ class ServiceTests(unittest.TestCase):
         port, tls_port = free_port(), free_port()
         yield self.serve("--mail", "maildir:~/Maildir", "--auth", "passwd-file:" + passwd,
                          "--listen", "tcp:%d:interface=127.0.0.1" % port,
-                         "--listen", "ssl:%d:privateKey=%s:certKey=%s:interface=127.0.0.1" % (tls_port, key, cert),
+                         "--listen",
+                         "ssl:%d:privateKey=%s:certKey=%s:interface=127.0.0.1" % (tls_port, key, cert),
                          "--tls-certificate", cert, "--tls-key", key, "--hostname", "mail.test")
 
         def check() -> list[bytes]:

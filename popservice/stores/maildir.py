@@ -745,8 +745,11 @@ _tmp_counter = 0
 _tmp_lock = threading.Lock()
 
 
-def _write_index(path: str, index: _Index) -> None:
-    """Replace the index atomically: temporary file, fsync, rename, fsync the directory."""
+def _write_index(path: str, index: _Index) -> bytes:
+    """
+    Replace the index atomically: temporary file, fsync, rename, fsync the
+    directory.  Returns the content written.
+    """
     global _tmp_counter
     with _tmp_lock:
         _tmp_counter += 1
@@ -776,13 +779,14 @@ def _write_index(path: str, index: _Index) -> None:
     try:
         dfd = os.open(path, os.O_RDONLY | _CLOEXEC)
     except OSError:
-        return
+        return data
     try:
         os.fsync(dfd)
     except OSError:
         pass
     finally:
         os.close(dfd)
+    return data
 
 
 def _load_index(
@@ -910,8 +914,9 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
     new/ to cur/ and bringing the index up to date.  Runs in a thread.
 
     When the files match the index (a warm login with nothing new), this is a
-    handful of whole-list operations: no per-message Python code but the
-    making of the L{MessageInfo}s, and the index is not rewritten.
+    handful of whole-list operations, with no per-message Python code but the
+    making of the L{MessageInfo}s, none at all when L{_listing_cache} has the
+    listing of this index; the index is then not rewritten.
     """
     _move_new_to_cur(path)
     with _index_lock(path):
@@ -941,11 +946,10 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
         # the index is kept in this order: sorting it again is cheap
         order = _sorted_bases(candidates)
         fresh: set[str] = set()
-        work = len(order) != len(entries) or bool(entries and min(map(_SIZE_OF, entries.values())) < 0)
-        if work:
+        unlisted: set[str] = set()
+        if len(order) != len(entries) or (entries and min(map(_SIZE_OF, entries.values())) < 0):
             # new messages, or taken-over UIDLs without a size: in order, so that
             # new UIDLs are given oldest first
-            unlisted: set[str] = set()
             for base in order:
                 entry = entries.get(base)
                 if entry is not None and entry[1] >= 0:
@@ -970,9 +974,13 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
                 dirty = True
             if unlisted:
                 order = [b for b in order if b not in unlisted]
+        # the index content the listing follows from, if it lists every entry
+        source: bytes | None = None if dirty or unlisted else raw
         if dirty:
             try:
-                _write_index(path, index)
+                written = _write_index(path, index)
+                if not unlisted:
+                    source = written
             except OSError as e:
                 # Like Courier: never show a UIDL that is not on disk, or it would
                 # change at the next login.  New messages wait for a writable index.
@@ -993,9 +1001,8 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
                 if w is not None:
                     sizes[i] = w
     infos = list(map(MessageInfo, sizes, uidls))
-    if raw is not None and not dirty and not work:
-        # the listing follows from the index content alone (the files matched it)
-        _listing_cache.put(path, raw, order, infos)
+    if source is not None:
+        _listing_cache.put(path, source, order, infos)
     return _Scan(list(map(found.__getitem__, order)), infos)
 
 
@@ -1051,8 +1058,6 @@ class MaildirMailbox:
     One session's view of a Maildir: the listing frozen at open.  Indices are
     0-based positions in it.
     """
-
-    __slots__ = ("path", "_files", "_infos", "_deleted", "_lock", "_closed")
 
     def __init__(self, path: str, scan: _Scan, lock: IMailboxLock | None) -> None:
         self.path = path
