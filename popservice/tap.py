@@ -100,6 +100,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["failure-delay", None, 1.0, "Seconds before answering a failed login; doubles per failure.",
          float],
         ["max-failures", None, 5, "Failed logins before the connection is closed.", int],
+        ["max-sessions-per-user", None, 10, "With --lock none: concurrent sessions of one user.", int],
         ["max-connections", None, 10000, "Concurrent connections in all.", int],
         ["max-connections-per-ip", None, 50, "Concurrent connections from one untrusted address.", int],
         ["handshake-timeout", None, 10, "Seconds a TLS handshake may take.", float],
@@ -220,7 +221,8 @@ def make_factory(options: Any) -> POP3ServerFactory:
         config.hostname = options["hostname"]
     store = make_store(options["mail"], options["lock"])
     return makeServer(store, options["credCheckers"], config,
-                      lock_grace=options["lock-grace"], exclusive=options["lock"] == "exclusive")
+                      lock_grace=options["lock-grace"], exclusive=options["lock"] == "exclusive",
+                      max_sessions=options["max-sessions-per-user"])
 
 
 #: Twisted listens with a backlog of 50: a burst of connections then loses

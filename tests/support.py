@@ -100,8 +100,10 @@ def make_factory(store: Any, checkers: Any, **config: Any) -> POP3ServerFactory:
     policy = config.pop("policy", Policy(failure_delay=0))
     clock = config.pop("clock", None)
     lock_grace = config.pop("lock_grace", 60.0)
+    exclusive = config.pop("exclusive", True)
+    max_sessions = config.pop("max_sessions", 10)
     return makeServer(store, checkers, ServerConfig(hostname="test.example", policy=policy, **config),
-                      clock=clock, lock_grace=lock_grace)
+                      clock=clock, lock_grace=lock_grace, exclusive=exclusive, max_sessions=max_sessions)
 
 
 class ServerMixin:

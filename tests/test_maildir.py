@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import functools
 import os
+import random
 import re
 import stat
 from collections.abc import Awaitable, Callable
@@ -83,6 +84,9 @@ class MaildirTestCase(unittest.TestCase):
         self.box = os.path.join(os.path.abspath(self.root), "alice")
         for sub in ("cur", "new", "tmp"):
             os.makedirs(os.path.join(self.box, sub))
+        # a cache of this test's own that keeps even the smallest Maildir, so
+        # that every test also runs the warm path through it
+        self.patch(maildir, "_listing_cache", maildir._ListingCache(maildir.LISTING_CACHE_MESSAGES, 1))
 
     async def open(self, store: MaildirStore | None = None, user: str = "alice",
                    home: str | None = None) -> MaildirMailbox:
@@ -738,3 +742,145 @@ class LockingTests(MaildirTestCase):
     def setUp(self) -> None:
         super().setUp()
         self._real_scan = maildir.scan_maildir
+
+
+def reference_parse_lines(body: str) -> dict[str, tuple[str, int]]:
+    """The index line parser as it was before the whole-text fast path."""
+    entries: dict[str, tuple[str, int]] = {}
+    for line in body.split("\n"):
+        parts = line.split(" ", 2)
+        if (len(parts) != 3 or not UIDL_RE.match(parts[0])
+                or not (re.match(r"[0-9]+\Z", parts[1]) or parts[1] == "-") or not parts[2]):
+            continue
+        entries[parts[2]] = (parts[0], int(parts[1]) if parts[1] != "-" else -1)
+    return entries
+
+
+class FastPathTests(MaildirTestCase):
+    def test_sorted_bases_matches_sort_key(self) -> None:
+        rnd = random.Random(1939)
+        pieces = ["1700000000", "1700000001", "999", "0999", "17000000000", "abc", "", "\u0661\u0662",
+                  "1700000000x", "12"]
+        for _ in range(500):
+            bases = list({rnd.choice(pieces) + rnd.choice([".", "", ".."]) + rnd.choice(["a", "b.c", ""])
+                          for _ in range(rnd.randrange(0, 8))} - {""})
+            rnd.shuffle(bases)
+            self.assertEqual(maildir._sorted_bases(bases), sorted(bases, key=message_sort_key), bases)
+        # the common case takes the plain-order shortcut
+        plain = [f"{1700000000 + i}.M{i}P1.host" for i in range(50)]
+        self.assertTrue(maildir._plain_order(plain))
+        self.assertFalse(maildir._plain_order(plain + ["999.M0.host"]))
+        self.assertFalse(maildir._plain_order(plain + ["17000000x0.M0.host"]))
+
+    def test_fast_index_parse_matches_line_parser(self) -> None:
+        rnd = random.Random(1725)
+        good = ["000000016b081451 326 1700000060.M1.popfixture", "u 0 b", "+migrated 12 1700000001.b.host",
+                "UID1-1600000000 999 1700000000.a.host,S=2,W=999"]
+        odd = ["u - b", "u 1 with space", "u x b", "u 1", "", "u\t1 b", " u 1 b", "u  1 b", "u 1 b\r",
+               "\u00e9 1 b", "u \u0661 b", "x" * 71 + " 1 b", "u 1 b\udcff", "u 01 b"]
+        fast_taken = 0
+        for _ in range(2000):
+            lines = [rnd.choice(good if rnd.random() < 0.8 else odd) for _ in range(rnd.randrange(0, 6))]
+            lines = [line.replace(" b", f" b{rnd.randrange(4)}", 1) if line.endswith(" b") else line
+                     for line in lines]
+            body = "".join(line + "\n" for line in lines)
+            if rnd.random() < 0.1:
+                body = body.rstrip("\n")
+            index = maildir.parse_index(f"popservice-uidlist 1 V7 N9\n{body}")
+            assert index is not None
+            self.assertEqual(list(index.entries.items()), list(reference_parse_lines(body).items()), body)
+            if maildir._parse_index_lines_fast(body) is not None:
+                fast_taken += 1
+        self.assertGreater(fast_taken, 300)
+
+    @async_test
+    async def test_warm_login_does_not_write_the_index(self) -> None:
+        for i in range(5):
+            deliver(self.box, f"170000000{i}.m{i}.host", b"m\n")
+        first = await self.session_listing()
+        path = os.path.join(self.box, INDEX_FILE_NAME)
+        before = os.stat(path)
+        for _ in range(3):  # parsed, then from the cache
+            self.assertEqual(await self.session_listing(), first)
+        after = os.stat(path)
+        self.assertEqual((after.st_ino, after.st_mtime_ns), (before.st_ino, before.st_mtime_ns))
+
+    @async_test
+    async def test_cached_listing_follows_the_index_content(self) -> None:
+        for i in range(3):
+            deliver(self.box, f"170000000{i}.m{i}.host", b"m\n")
+        first = await self.session_listing()
+        self.assertEqual(await self.session_listing(), first)
+        # another writer changes a UIDL in place: same size, same times
+        path = os.path.join(self.box, INDEX_FILE_NAME)
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(first[1].uid, "Z" * len(first[1].uid)))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        listing = await self.session_listing()
+        self.assertEqual([m.uid for m in listing], [first[0].uid, "Z" * len(first[1].uid), first[2].uid])
+
+    @async_test
+    async def test_cached_listing_follows_the_files(self) -> None:
+        for i in range(4):
+            deliver(self.box, f"170000000{i}.m{i}.host", b"m%d\n" % i)
+        first = await self.session_listing()
+        self.assertEqual(await self.session_listing(), first)
+        # flagged by another program: same listing, and the file is found where it is now
+        os.rename(find(self.box, "1700000001.m1.host"), os.path.join(self.box, "cur", "1700000001.m1.host:2,S"))
+        mbox = await self.open()
+        self.assertEqual(await self.listing(mbox), first)
+        self.assertEqual(await self.content(mbox, 1), b"m1\n")
+        await mbox.close()
+        # deleted by another program, and a new delivery
+        os.unlink(find(self.box, "1700000002.m2.host"))
+        deliver(self.box, "1700000009.m9.host", b"m9\n")
+        listing = await self.session_listing()
+        self.assertEqual([m.uid for m in listing][:3], [first[0].uid, first[1].uid, first[3].uid])
+        self.assertEqual(len(listing), 4)
+        self.assertNotIn(listing[3].uid, {m.uid for m in first})
+        self.assertEqual(await self.session_listing(), listing)
+
+    @async_test
+    async def test_unsorted_index_listed_in_order(self) -> None:
+        for i in range(4):
+            deliver(self.box, f"170000000{i}.m{i}.host", b"m\n")
+        first = await self.session_listing()
+        path = os.path.join(self.box, INDEX_FILE_NAME)
+        with open(path, encoding="utf-8") as f:
+            head, *lines = f.read().splitlines()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join([head, *reversed(lines)]) + "\n")
+        self.assertEqual(await self.session_listing(), first)
+        self.assertEqual(await self.session_listing(), first)
+
+    @async_test
+    async def test_odd_file_names_skipped(self) -> None:
+        deliver(self.box, "1700000000.a.host", b"one\n", "cur", "2,")
+        deliver(self.box, "1700000001.b\nhost", b"no\n", "cur", "2,")
+        deliver(self.box, ":2,S", b"no\n", "cur")
+        deliver(self.box, ".hidden", b"no\n", "cur")
+        logs = LogCapture(self)
+        listing = await self.session_listing()
+        self.assertEqual([m.size for m in listing], [5])
+        self.assertTrue(any("line end in its name" in t for t in logs.texts()), logs.texts())
+
+    def test_listing_cache_bounds(self) -> None:
+        cache = maildir._ListingCache(budget=5, minimum=2)
+        infos = [MessageInfo(1, "u")]
+        cache.put("small", b"i", ["a"], infos)  # under the minimum
+        cache.put("huge", b"i", list("abcdef"), infos)  # over the budget
+        self.assertIsNone(cache.get("small", b"i"))
+        self.assertIsNone(cache.get("huge", b"i"))
+        cache.put("x", b"1", ["a", "b", "c"], infos)
+        cache.put("y", b"2", ["a", "b"], infos)
+        self.assertEqual(cache.get("x", b"1"), (["a", "b", "c"], infos))  # x is now the most recent
+        cache.put("z", b"3", ["a", "b"], infos)  # 7 > 5: y (least recently used) goes
+        self.assertIsNone(cache.get("y", b"2"))
+        self.assertIsNotNone(cache.get("x", b"1"))
+        self.assertIsNone(cache.get("z", b"other content"))  # and that drops it
+        self.assertIsNone(cache.get("z", b"3"))
+        cache.clear()
+        self.assertIsNone(cache.get("x", b"1"))

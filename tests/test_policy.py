@@ -158,3 +158,28 @@ class LoginDelayAndExpire(PolicyTestCase):
         self.assertIn(b"EXPIRE NEVER\r\n", body)
         yield client.command(b"QUIT")
         self.assertEqual(self.store.messages["alice"], MSGS)
+
+
+class SessionsPerUser(ServerMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_cap_without_exclusive_lock(self) -> Any:
+        class SharedStore(MemoryStore):
+            """Like --lock none: no store lock."""
+
+            def open_mailbox(self, user: str, home: Any) -> Any:
+                self.locked.discard(user)
+                return super().open_mailbox(user, home)
+
+        self.listen(make_factory(SharedStore({"alice": list(MSGS)}), [memory_checker(alice="secret")],
+                                 exclusive=False, max_sessions=2))
+        first = yield self.login()
+        second = yield self.login()
+        third = yield self.connect()
+        yield third.command(b"USER alice")
+        r = yield third.command(b"PASS secret")
+        self.assertTrue(r.startswith(b"-ERR [IN-USE]"), r)
+        yield first.command(b"QUIT")
+        yield first.lost
+        yield third.command(b"USER alice")
+        self.assertTrue((yield third.command(b"PASS secret")).startswith(b"+OK"))
+        self.assertTrue((yield second.command(b"NOOP")).startswith(b"+OK"))

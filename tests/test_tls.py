@@ -205,6 +205,26 @@ class PlaintextPolicy(TLSTestCase):
         self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
 
     @defer.inlineCallbacks
+    def test_poplib_user_pass_refused_without_tls(self) -> Any:
+        import poplib
+
+        port = self.start()
+
+        def attempt() -> str:
+            client = poplib.POP3("127.0.0.1", port, timeout=10)
+            try:
+                client.user("alice")
+            except poplib.error_proto as e:
+                return str(e)
+            finally:
+                client.close()
+            return "accepted"
+
+        refusal = yield self.blocking(attempt)
+        self.assertIn("[AUTH]", refusal)
+        self.assertIn("STLS", refusal)
+
+    @defer.inlineCallbacks
     def test_allowed_after_stls(self) -> Any:
         port = self.start()
         out = yield self.blocking(STLS.stls_session, self, port)

@@ -104,7 +104,7 @@ class POP3ServerFactory(ServerFactory):
 
 def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
                config: ServerConfig | None = None, *, lock_grace: float = 60.0,
-               exclusive: bool = True, observer: ISessionObserver | None = None,
+               exclusive: bool = True, max_sessions: int = 10, observer: ISessionObserver | None = None,
                clock: IReactorTime | None = None) -> POP3ServerFactory:
     """
     A server factory for C{store}, authenticating with C{checkers}.  A checker
@@ -117,6 +117,6 @@ def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
     if config is not None and config.sasl:
         # Mechanisms that verify proofs themselves (SCRAM, tokens) log in with these.
         portal_checkers.append(VerifiedChecker())
-    registry = SessionRegistry(grace=lock_grace, enabled=exclusive)
+    registry = SessionRegistry(grace=lock_grace, enabled=exclusive, max_sessions=max_sessions)
     portal = Portal(MailRealm(store, directory, registry), portal_checkers)
     return POP3ServerFactory(portal, config, observer=observer, registry=registry, clock=clock)

@@ -138,6 +138,7 @@ class POP3ServerProtocol(Protocol):
         self._sasl_pending = False
         self._login_method = "USER"
         self._rejected = False
+        self._registered = False
         self._connected_at = 0.0
         #: RFC 6856: UTF8 mode and the language of response texts
         self.utf8 = False
@@ -230,7 +231,8 @@ class POP3ServerProtocol(Protocol):
 
     def _release_mailbox(self) -> "defer.Deferred[Any]":
         session = self.session
-        if self.user is not None:
+        if self.user is not None and self._registered:
+            self._registered = False
             self.factory.registry.unregister(self.user, self)
         if session is None:
             return defer.succeed(None)
@@ -694,6 +696,7 @@ class POP3ServerProtocol(Protocol):
         self.state = State.TRANSACTION
         self.reader.max_length = wire.MAX_COMMAND_LINE
         self.factory.registry.register(name, self)
+        self._registered = True
         if self._login_call is not None and self._login_call.active():
             self._login_call.cancel()
         self._reset_idle_timer()

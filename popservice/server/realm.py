@@ -37,17 +37,25 @@ class SessionRegistry:
 
     log = Logger()
 
-    def __init__(self, grace: float = 60.0, enabled: bool = True) -> None:
+    def __init__(self, grace: float = 60.0, enabled: bool = True, max_sessions: int = 10) -> None:
         self.grace = grace
+        #: exclusive sessions (one per mailbox, idle ones taken over)
         self.enabled = enabled
+        #: without exclusive locking, at most this many sessions per user
+        self.max_sessions = max_sessions
         self._sessions: dict[str, SessionHandle] = {}
+        self._counts: dict[str, int] = {}
 
     def claim(self, user: str) -> "defer.Deferred[None]":
         """
         Fires when C{user}'s mailbox may be opened; fails with L{MailboxInUse}
         when an active session holds it.
         """
-        holder = self._sessions.get(user) if self.enabled else None
+        if not self.enabled:
+            if self._counts.get(user, 0) >= self.max_sessions:
+                return defer.fail(MailboxInUse(user))
+            return defer.succeed(None)
+        holder = self._sessions.get(user)
         if holder is None:
             return defer.succeed(None)
         if holder.idle_seconds() < self.grace:
@@ -58,12 +66,22 @@ class SessionRegistry:
         return holder.terminate("taken over by a new login")
 
     def register(self, user: str, session: SessionHandle) -> None:
+        """Call once per logged-in session; L{unregister} exactly once at its end."""
         if self.enabled:
             self._sessions[user] = session
+        else:
+            self._counts[user] = self._counts.get(user, 0) + 1
 
     def unregister(self, user: str, session: SessionHandle) -> None:
-        if self._sessions.get(user) is session:
-            del self._sessions[user]
+        if self.enabled:
+            if self._sessions.get(user) is session:
+                del self._sessions[user]
+            return
+        left = self._counts.get(user, 0) - 1
+        if left > 0:
+            self._counts[user] = left
+        else:
+            self._counts.pop(user, None)
 
     def __len__(self) -> int:
         return len(self._sessions)
