@@ -8,8 +8,10 @@ root and Dovecot (see tests/dovecot_fixture.py); prints a table.
 
     .venv/bin/python bench/fetch_compare.py [--messages 1000] [--size 20480] [--repeats 3]
 
-Notes on fairness: popservice and mpop fsync every message before recording
-it (popservice batches: one syncfs per batch on Linux); getmail6 fsyncs its
+Notes on fairness: popservice and mpop make every message durable before
+recording it (mpop: fsync per file; popservice batches: writeback started per
+file, fdatasync of each file + one fsync of tmp/ + one journal fsync per
+batch); getmail6 fsyncs its
 Maildir files; fetchmail here delivers through an MDA (`cat > file`) and
 does not fsync at all.
 """

@@ -17,7 +17,9 @@ C{<1700000000+i>.M<i>P1.host:2,} of about 1 KiB each.  Times are medians.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import itertools
 import os
 import shutil
 import statistics
@@ -56,7 +58,21 @@ def build(box: str, count: int) -> None:
             f.write(b"Subject: message %d\n\n" % i + BODY)
 
 
-def timings_ms(fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None) -> list[float]:
+_delivered = itertools.count()
+
+
+def deliver_one(box: str) -> None:
+    """A new message in new/, as a delivery agent leaves it (renamed from tmp/)."""
+    n = next(_delivered)
+    name = "%d.M%dP2.host" % (1800000000 + n, n)
+    with open(os.path.join(box, "tmp", name), "wb") as f:
+        f.write(b"Subject: new %d\n\n" % n + BODY)
+    os.rename(os.path.join(box, "tmp", name), os.path.join(box, "new", name))
+
+
+def timings_ms(
+    fn: Callable[[], object], runs: int, before: Callable[[], object] | None = None
+) -> list[float]:
     times = []
     for _ in range(runs):
         if before is not None:
@@ -86,39 +102,45 @@ def twisted_open(box: str) -> None:
     assert isinstance(sizes, list)
 
 
-def traced(fn: Callable[[], object]) -> tuple[object, int]:
+def traced(fn: Callable[[], object]) -> tuple[int, int]:
+    """Bytes allocated by C{fn} and still held: (with its result alive, after dropping it)."""
     gc.collect()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         result = fn()
         gc.collect()
-        return result, tracemalloc.get_traced_memory()[0] - base
+        held = tracemalloc.get_traced_memory()[0] - base
+        del result
+        gc.collect()
+        return held, tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
 
 
-def memory_per_message(box: str, count: int) -> tuple[float, float]:
+def memory_per_message(box: str, count: int) -> tuple[float, float, float]:
     """
-    (bytes an opened mailbox holds per message, with no listing cache;
-    bytes per message the process-wide listing cache keeps after the session).
+    Bytes per message: held by an open mailbox without the listing cache;
+    held by an open mailbox made from the cache (a warm login); kept by the
+    cache once the session is gone.
     """
     scan_maildir(box, FORMAT)  # the index is up to date
-    cache = getattr(maildir, "_listing_cache", None)
+    open_mailbox = functools.partial(lambda: MaildirMailbox(box, scan_maildir(box, FORMAT), None))
+    cache = getattr(maildir, "_listing_cache", None)  # absent before the cache existed
     clear_cache()
-    minimum = cache.minimum if cache is not None else 0
-    if cache is not None:
-        cache.minimum = sys.maxsize  # nothing is cached
+    if cache is None:
+        session, _ = traced(open_mailbox)
+        return session / count, session / count, 0.0
+    minimum, cache.minimum = cache.minimum, sys.maxsize  # nothing is cached
     try:
-        mbox, session = traced(lambda: MaildirMailbox(box, scan_maildir(box, FORMAT), None))
-        del mbox
+        session, _ = traced(open_mailbox)
     finally:
-        if cache is not None:
-            cache.minimum = minimum
+        cache.minimum = minimum
     clear_cache()
-    _, kept = traced(lambda: MaildirMailbox(box, scan_maildir(box, FORMAT), None))  # dropped at once
+    _, kept = traced(open_mailbox)  # the session is dropped at once: what stays is the cache's
+    warm_session, _ = traced(open_mailbox)
     clear_cache()
-    return session / count, kept / count
+    return session / count, warm_session / count, kept / count
 
 
 async def store_open_ms(store: MaildirStore, user: str, runs: int) -> list[float]:
@@ -148,14 +170,16 @@ def main(argv: list[str]) -> None:
             box = os.path.join(tmp, user)
             build(box, count)
             row: dict[str, Any] = {"count": count, "user": user}
-            row["cold"] = timings_ms(lambda b=box: scan_maildir(b, FORMAT), args.cold_runs,
-                                     before=lambda b=box: forget_index(b))
-            scan_maildir(box, FORMAT)
-            row["uncached"] = timings_ms(lambda b=box: scan_maildir(b, FORMAT), args.runs, before=clear_cache)
-            scan_maildir(box, FORMAT)
-            row["warm"] = timings_ms(lambda b=box: scan_maildir(b, FORMAT), args.runs)
-            row["twisted"] = timings_ms(lambda b=box: twisted_open(b), args.runs)
-            row["session"], row["cache"] = memory_per_message(box, count)
+            scan = functools.partial(scan_maildir, box, FORMAT)
+            row["cold"] = timings_ms(scan, args.cold_runs, before=functools.partial(forget_index, box))
+            scan()
+            row["uncached"] = timings_ms(scan, args.runs, before=clear_cache)
+            scan()
+            row["warm"] = timings_ms(scan, args.runs)
+            row["new"] = timings_ms(scan, args.runs, before=functools.partial(deliver_one, box))
+            scan()
+            row["twisted"] = timings_ms(functools.partial(twisted_open, box), args.runs)
+            row["session"], row["warm session"], row["cache"] = memory_per_message(box, count)
             rows.append(row)
 
         async def opens(reactor: object) -> None:
@@ -181,16 +205,18 @@ def report(rows: list[dict[str, Any]], runs: int) -> None:
     print(f"median (min) of {runs} runs, cold scans of fewer; ms")
     print("  cold scan: no index, every file read; uncached: index parsed (listing cache emptied);")
     print("  warm scan/open: as a repeated login sees it; open: MaildirStore.open_mailbox + listing;")
+    print("  1 new msg: a scan after one delivery to new/ (moved to cur/, index rewritten and fsynced);")
     print("  twisted: twisted.mail.maildir.MaildirMailbox(path) + listMessages()")
-    print(f"{'messages':>8} {'cold scan':>16} {'uncached scan':>16} {'warm scan':>16} "
+    print(f"{'messages':>8} {'cold scan':>16} {'uncached scan':>16} {'warm scan':>16} {'1 new msg':>16} "
           f"{'warm open':>16} {'twisted':>16} {'open/twisted':>12}")
     for row in rows:
         ratio = statistics.median(row["open"]) / statistics.median(row["twisted"])
         print(f"{row['count']:>8} {ms(row['cold']):>16} {ms(row['uncached']):>16} {ms(row['warm']):>16} "
-              f"{ms(row['open']):>16} {ms(row['twisted']):>16} {ratio:>12.2f}")
-    print("memory, bytes per message: held by an open mailbox (without the cache) / kept by the cache")
+              f"{ms(row['new']):>16} {ms(row['open']):>16} {ms(row['twisted']):>16} {ratio:>12.2f}")
+    print("memory, bytes per message: held by an open mailbox without the cache / on a warm login"
+          " (infos shared with the cache) / kept by the cache after the session")
     for row in rows:
-        print(f"{row['count']:>8} {row['session']:>10.0f} / {row['cache']:.0f}")
+        print(f"{row['count']:>8} {row['session']:>10.0f} / {row['warm session']:.0f} / {row['cache']:.0f}")
 
 
 if __name__ == "__main__":

@@ -829,7 +829,8 @@ class FastPathTests(MaildirTestCase):
         first = await self.session_listing()
         self.assertEqual(await self.session_listing(), first)
         # flagged by another program: same listing, and the file is found where it is now
-        os.rename(find(self.box, "1700000001.m1.host"), os.path.join(self.box, "cur", "1700000001.m1.host:2,S"))
+        os.rename(find(self.box, "1700000001.m1.host"),
+                  os.path.join(self.box, "cur", "1700000001.m1.host:2,S"))
         mbox = await self.open()
         self.assertEqual(await self.listing(mbox), first)
         self.assertEqual(await self.content(mbox, 1), b"m1\n")
@@ -866,6 +867,37 @@ class FastPathTests(MaildirTestCase):
         listing = await self.session_listing()
         self.assertEqual([m.size for m in listing], [5])
         self.assertTrue(any("line end in its name" in t for t in logs.texts()), logs.texts())
+
+    @async_test
+    async def test_file_type_lookup_failure(self) -> None:
+        # where the directory gives no file type, is_file() stats, and that can fail
+        deliver(self.box, "1700000000.a.host", b"one\n", "cur", "2,")
+        deliver(self.box, "1700000001.b.host", b"two\n", "cur", "2,")
+        real_scandir = os.scandir
+
+        class Entry:
+            def __init__(self, entry: os.DirEntry[str]) -> None:
+                self.name = entry.name
+                self._entry = entry
+
+            def is_file(self, follow_symlinks: bool = True) -> bool:
+                if "b.host" in self.name:
+                    raise PermissionError(13, "Permission denied")
+                return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+        class Listing:
+            def __init__(self, path: str) -> None:
+                self._it = real_scandir(path)
+
+            def __enter__(self) -> Any:
+                return (Entry(e) for e in self._it)
+
+            def __exit__(self, *exc: object) -> None:
+                self._it.close()
+
+        self.patch(maildir.os, "scandir", Listing)
+        listing = await self.session_listing()
+        self.assertEqual([m.size for m in listing], [5])
 
     def test_listing_cache_bounds(self) -> None:
         cache = maildir._ListingCache(budget=5, minimum=2)

@@ -354,28 +354,20 @@ def run_probe(args: argparse.Namespace) -> int:
 def _write_popservice_index(path: str, entries: list[tuple[str, int, str]]) -> None:
     """
     Add C{(uidl, size, base name)} entries to the Maildir's C{popservice-uidlist}
-    (the format documented in popservice.stores.maildir), atomically.
+    (the format of popservice.stores.maildir), atomically, holding the store's
+    C{popservice-uidlist.lock} (a blocking flock, held only for the rewrite) so
+    a popservice server scanning the same Maildir never loses either update.
     """
-    index = os.path.join(path, "popservice-uidlist")
-    header = f"popservice-uidlist 1 V{int(time.time()) & 0xFFFFFFFF} N1"
-    lines: list[str] = []
-    try:
-        with open(index, encoding="utf-8", errors="surrogateescape") as f:
-            old = f.read().split("\n")
-        if old and old[0].startswith("popservice-uidlist 1 "):
-            header = old[0]
-            lines = [line for line in old[1:] if line]
-    except FileNotFoundError:
-        pass
-    lines += [f"{u} {s} {b}" for u, s, b in entries]
-    tmp = f"{index}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(header + "\n" + "".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, index)
-    from popservice.client.fetch import fsync_dir
-    fsync_dir(path)
+    from popservice.stores import maildir as store
+
+    with store._index_lock(path):
+        text = store._read_text(os.path.join(path, store.INDEX_FILE_NAME))
+        index = store.parse_index(text) if text is not None else None
+        if index is None:
+            index = store._Index(store._fresh_uidvalidity(), 1)
+        for uidl, size, base in entries:
+            index.entries[base] = (uidl, size)
+        store._write_index(path, index)
 
 
 def run_migrate(args: argparse.Namespace) -> int:

@@ -24,11 +24,13 @@ again (at-least-once) and a warning says so.  Compaction rewrites the journal
 as D lines for the UIDLs still on the server, atomically (temporary file,
 fsync, rename, fsync directory).
 
-Speed: RETRs are pipelined (a window of outstanding commands), bodies are
-decoded in raw chunks and written straight to the tmp file, and durability is
-batched: one fsync per file, one per directory and one journal fsync per
-batch of messages, with the fsyncs of a batch running in a thread pool while
-the next messages download.
+Speed: RETRs are pipelined (a window of outstanding commands) and driven by
+plain callbacks; into a Maildir each complete message is written with one
+writev to a fresh tmp/ file whose writeback starts at once (sync_file_range),
+and durability is batched: per batch an fdatasync of each file (by then
+nearly free: one filesystem journal commit covers the batch), one fsync of
+tmp/, one journal append+fsync, the renames, then the DELEs.  A server
+without UIDL is refused (exactly-once is impossible without it).
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
-from popservice.client.protocol import POP3Client, POP3Error, UidlEntry
+from popservice.client.protocol import POP3Client, POP3ClientError, POP3Error, UidlEntry
 
 __all__ = [
     "FetchOptions", "FetchResult", "Fetcher", "Journal", "MaildirTarget", "MboxTarget",
-    "MDATarget", "StateLocked", "make_target", "fetch",
+    "MDATarget", "NoUIDLError", "StateLocked", "make_target", "fetch",
 ]
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -66,9 +69,8 @@ def _load_syncfs() -> Callable[[int], int] | None:
         return None
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process image: libc is in it
         fn: Callable[[int], int] = libc.syncfs
         return fn
     except (OSError, AttributeError):
@@ -76,6 +78,34 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _syncfs: Callable[[int], int] | None | bool = False
+_sync_file_range: Callable[[int, int, int, int], int] | None | bool = False
+#: sync_file_range(2) flag: start writeback of dirty pages, do not wait
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> None:
+    """
+    Start writing C{fd}'s dirty pages to disk without waiting (Linux
+    sync_file_range(2)); a later fdatasync then has (almost) nothing left to
+    do, and the block allocations of a whole batch of files land in one
+    filesystem journal commit instead of one each.  A no-op elsewhere.
+    """
+    global _sync_file_range
+    if _sync_file_range is False:
+        _sync_file_range = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)  # the process image: libc is in it
+                fn = libc.sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sync_file_range = fn
+            except (OSError, AttributeError):
+                pass
+    if _sync_file_range is not None and _sync_file_range is not True:
+        _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # advisory: errors show up at fdatasync
 
 
 def syncfs(fd: int) -> bool:
@@ -115,6 +145,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 class StateLocked(Exception):
     """Another fetch for the same account is running."""
+
+
+class NoUIDLError(POP3ClientError):
+    """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
 
 
 class DeliveryError(Exception):
@@ -300,11 +334,21 @@ class _FileWriter:
 
 
 class MaildirTarget(Target):
-    """Deliver into a Maildir: tmp/ (fsync), journal, then rename into new/."""
+    """
+    Deliver into a Maildir: tmp/ (durable), journal, then rename into new/.
+
+    Two ways in: L{open}/L{finished} stream a message into its tmp/ file as
+    it arrives; L{store} writes a whole message (its chunks) with one
+    C{writev} and starts its writeback at once.  L{prepare} then makes a
+    batch durable: fdatasync of each file (cheap when writeback was started
+    early: one filesystem journal commit covers the batch) and one fsync of
+    tmp/ for the names; C{use_syncfs=True} uses one syncfs(2) instead, which
+    also waits for every other program's dirty data on that filesystem.
+    """
 
     threadable = True
 
-    def __init__(self, path: str, crlf: bool = False, tag: str = "", use_syncfs: bool = True) -> None:
+    def __init__(self, path: str, crlf: bool = False, tag: str = "", use_syncfs: bool = False) -> None:
         self.use_syncfs = use_syncfs
         self.path = os.path.abspath(os.path.expanduser(path))
         self.crlf = crlf
@@ -323,7 +367,8 @@ class MaildirTarget(Target):
             src = os.path.join(self.tmp, tmp_name)
             if os.path.exists(src):
                 os.rename(src, os.path.join(self.new, final))
-        fsync_dir(self.new)
+        if journal.maildir:
+            fsync_dir(self.new)
         marker = self.tag + "."
         removed = False
         for name in os.listdir(self.tmp):
@@ -344,21 +389,39 @@ class MaildirTarget(Target):
         writer.final = f"{writer.name},S={writer.size}"
         return writer.size
 
+    def store(self, uid: str, chunks: list[bytes]) -> _FileWriter:
+        """Write a complete message into a new tmp/ file (not yet durable)."""
+        writer = self.open(uid, 0)
+        try:
+            size = sum(map(len, chunks))
+            written = os.writev(writer.fd, chunks) if chunks else 0
+            if written < size:  # a short write: finish the rest by hand
+                _write_all(writer.fd, b"".join(chunks)[written:])
+            writer.size = size
+            start_writeback(writer.fd)
+        except BaseException:
+            self.abort(writer)
+            raise
+        self.finished(writer)
+        return writer
+
     def abort(self, writer: _FileWriter) -> None:
-        with contextlib.suppress(OSError):
-            os.close(writer.fd)
+        if writer.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(writer.fd)
+            writer.fd = -1
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.tmp, writer.name))
 
     def prepare(self, writers: list[_FileWriter]) -> None:
-        if len(writers) > 2 and self.use_syncfs and writers[0].fd >= 0 and syncfs(writers[0].fd):
+        if self.use_syncfs and len(writers) > 2 and writers[0].fd >= 0 and syncfs(writers[0].fd):
             # one syncfs covers the data of every file and the tmp/ entries
             for w in writers:
                 os.close(w.fd)
                 w.fd = -1
             return
         for w in writers:
-            os.fsync(w.fd)
+            os.fdatasync(w.fd)
             os.close(w.fd)
             w.fd = -1
         fsync_dir(self.tmp)
@@ -366,8 +429,9 @@ class MaildirTarget(Target):
     def commit(self, journal: Journal, uids: list[str], writers: list[_FileWriter]) -> None:
         journal.append([f"M {w.uid} {w.name} {w.final}" for w in writers])
         journal.delivered.update(uids)
+        tmp, new = self.tmp + "/", self.new + "/"
         for w in writers:
-            os.rename(os.path.join(self.tmp, w.name), os.path.join(self.new, w.final))
+            os.rename(tmp + w.name, new + w.final)
 
     def close(self) -> None:
         fsync_dir(self.new)
@@ -627,7 +691,16 @@ class Fetcher:
         self.target.recover(journal)
         d_uidl = client.uidl()
         d_list = client.list()
-        uidls: list[UidlEntry] = yield d_uidl
+        try:
+            uidls: list[UidlEntry] = yield d_uidl
+        except POP3Error as err:
+            d_list.addErrback(lambda _: None)
+            # Without UIDL no message can be told apart from another across runs:
+            # neither "fetch only new ones" (--keep) nor "never twice after a
+            # crash" (deleting) can be kept.  Refuse rather than guess.
+            raise NoUIDLError(
+                f"the server does not support UIDL ({err}): popservice fetch needs it to "
+                "deliver every message exactly once; nothing was fetched or deleted")
         sizes = {e.number: e.size for e in (yield d_list)}
         self.result.total_on_server = len(uidls)
         on_server = {e.uid for e in uidls}
@@ -656,7 +729,10 @@ class Fetcher:
             todo = todo[:opts.limit]
         self.progress.begin(len(todo), sum(s for _, _, s in todo))
         try:
-            yield self._download(todo)
+            if isinstance(self.target, MaildirTarget) and todo:
+                yield _MaildirDownload(self, todo).run()
+            else:
+                yield self._download(todo)
         finally:
             self.progress.done()
         if self._deletes:
@@ -752,6 +828,98 @@ class Fetcher:
                 with contextlib.suppress(Exception):
                     yield syncing
             raise
+
+
+class _MaildirDownload:
+    """
+    The Maildir fast path: pipelined RETRs driven by plain callbacks (no
+    coroutine step per message).  Each message is collected as the chunks the
+    decoder hands over and written when complete with one C{writev} to a new
+    tmp/ file, whose writeback starts at once; per batch the files are made
+    durable, the batch's journal records appended (fsynced), the files renamed
+    into new/, and only then are the batch's DELEs sent.  The invariant is that
+    of the module docstring: DELE after local copy and journal record are durable.
+
+    (A disk thread was measured slower: every system call it makes then waits
+    for the GIL held by the protocol code.)
+    """
+
+    def __init__(self, fetcher: Fetcher, todo: list[tuple[int, str, int]]) -> None:
+        self.fetcher = fetcher
+        self.client = fetcher.client
+        self.target: MaildirTarget = fetcher.target  # type: ignore[assignment]
+        self.todo = deque(todo)
+        self.outstanding = 0
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.batch: list[_FileWriter] = []
+        self.batch_bytes = 0
+
+    def run(self) -> "defer.Deferred[None]":
+        caps = self.client.capa
+        window = self.fetcher.options.window if caps is not None and caps.pipelining else 1
+        while self.todo and self.outstanding < window:
+            self._issue()
+        return self.done
+
+    def _issue(self) -> None:
+        number, uid, _size = self.todo.popleft()
+        chunks: list[bytes] = []
+        self.outstanding += 1
+        d = self.client.retrieve(number, chunks.append, crlf=self.target.crlf)
+        d.addCallbacks(self._retrieved, self._failed, callbackArgs=(uid, chunks))
+
+    def _retrieved(self, _: object, uid: str, chunks: list[bytes]) -> None:
+        self.outstanding -= 1
+        if self.done.called:
+            return
+        try:
+            writer = self.target.store(uid, chunks)
+            self.batch.append(writer)
+            self.batch_bytes += writer.size
+            self.fetcher.progress.advance(writer.size)
+            opts = self.fetcher.options
+            if len(self.batch) >= opts.batch_messages or self.batch_bytes >= opts.batch_bytes:
+                self._flush()
+            if self.todo:
+                self._issue()
+            elif not self.outstanding:
+                if self.batch:
+                    self._flush()
+                self.done.callback(None)
+        except BaseException:
+            self._abort(Failure())
+
+    def _flush(self) -> None:
+        writers, nbytes = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        fetcher, target = self.fetcher, self.target
+        try:
+            target.prepare(writers)
+            uids = [w.uid for w in writers]
+            target.commit(fetcher.journal, uids, writers)
+        except BaseException:
+            self.batch = writers  # aborted by _failed
+            raise
+        result = fetcher.result
+        result.fetched += len(uids)
+        result.bytes += nbytes
+        if not fetcher.options.keep:
+            for uid in uids:
+                fetcher._delete(uid)
+
+    def _failed(self, f: Failure) -> None:
+        self.outstanding -= 1
+        self._abort(f)
+
+    def _abort(self, f: Failure) -> None:
+        if self.done.called:
+            return
+        self.todo.clear()
+        for w in self.batch:
+            with contextlib.suppress(Exception):
+                self.target.abort(w)
+        self.batch = []
+        self.done.errback(f)
 
 
 @defer.inlineCallbacks

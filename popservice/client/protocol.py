@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import types
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -275,6 +276,14 @@ class CRLFToLF:
         return b""
 
 
+#: sink types that are never IConsumers: plain functions and bound methods
+_PLAIN_CALLABLES = (types.BuiltinMethodType, types.MethodType, types.FunctionType)
+
+
+def _none(_: object) -> None:
+    return None
+
+
 def _as_writer(consumer: Consumer) -> Callable[[bytes], object]:
     if IConsumer.providedBy(consumer):
         c: Any = consumer
@@ -405,6 +414,9 @@ class FastBodyDecoder:
         return out[0] if len(out) == 1 else b"".join(out)
 
 
+#: a LIST/UIDL body where every line is "<digits> <printable token>"
+_LISTING_FAST = re.compile(rb"(?:[0-9]+ [\x21-\x7e]+\r?\n)*")
+_LISTING_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]+)")
 _APOP_TIMESTAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")
 
 
@@ -786,6 +798,10 @@ class POP3Client(Protocol, TimeoutMixin):
             raise POP3ProtocolError(f"bad STAT answer: {r.text!r}")
 
     def _numbered(self, body: bytes) -> list[tuple[int, str]]:
+        if _LISTING_FAST.fullmatch(body):
+            # the usual shape ("<n> <token>" lines): one regex pass instead of a loop
+            return [(int(n), u.decode("ascii", "replace"))
+                    for n, u in _LISTING_LINE.findall(body)]
         out = []
         for raw in body.split(b"\n"):
             line = raw.strip()
@@ -830,6 +846,10 @@ class POP3Client(Protocol, TimeoutMixin):
         if consumer is None:
             return self._multi(keyword, *args, to_lf=not crlf).addCallback(
                 lambda cmd: cmd.body())
+        if type(consumer) in _PLAIN_CALLABLES:
+            # the common case (a bound write/append): no interface lookups, no extra callback
+            sink: Callable[[bytes], object] = consumer  # type: ignore[assignment]
+            return self._multi(keyword, *args, sink=sink, to_lf=not crlf).addCallback(_none)
         registered = False
         if IConsumer.providedBy(consumer):
             cast(Any, consumer).registerProducer(_Producer(self), True)

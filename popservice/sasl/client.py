@@ -11,8 +11,10 @@ L{choose_mechanism} picks the strongest mechanism both sides support.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,42 +111,96 @@ class CramMD5(ClientMechanism):
         return self.creds.username.encode("utf-8") + b" " + digest.encode("ascii")
 
 
+def _scram_name(text: str) -> str:
+    """RFC 5802 section 5.1: C{=} and C{,} in a name are escaped."""
+    return text.replace("=", "=3D").replace(",", "=2C")
+
+
 class ScramSHA256(ClientMechanism):
-    """RFC 7677 SCRAM-SHA-256 (no channel binding) through scramp; verifies the server."""
+    """
+    RFC 7677 SCRAM-SHA-256 (RFC 5802, no channel binding); verifies the
+    server's signature.  Written on hashlib/hmac (no import of a SCRAM
+    library on the way to a login); a user name or password outside
+    printable ASCII goes through SASLprep (RFC 4013) from scramp.
+    """
 
     name = "SCRAM-SHA-256"
+    #: refuse absurd iteration counts from a hostile server (a CPU burn)
+    MAX_ITERATIONS = 10_000_000
 
     def __init__(self, creds: SASLCredentials) -> None:
         super().__init__(creds)
-        import scramp
+        password, user = self._password(), creds.username
+        if not (password.isascii() and password.isprintable() and user.isascii()
+                and user.isprintable()):
+            from scramp.utils import saslprep
 
-        self._scramp = scramp
-        self._client = scramp.ScramClient([self.name], creds.username, self._password())
+            password, user = saslprep(password), saslprep(user)
+        self._password_bytes = password.encode("utf-8")
+        self._nonce = base64.b64encode(secrets.token_bytes(18)).decode("ascii")
+        self._first_bare = f"n={_scram_name(user)},r={self._nonce}"
+        self._server_signature = b""
         self._step = 0
         #: True once the server proved it knows the password (server-final verified)
         self.server_verified = False
 
     def initial(self) -> bytes | None:
         self._step = 1
-        first: str = self._client.get_client_first()
-        return first.encode("utf-8")
+        return ("n,," + self._first_bare).encode("utf-8")
+
+    def _final(self, server_first: str) -> bytes:
+        fields = dict(f.split("=", 1) for f in server_first.split(",") if "=" in f)
+        if server_first.startswith("m="):
+            raise SASLError("SCRAM-SHA-256: unsupported mandatory extension")
+        nonce, salt_b64, iterations = fields.get("r", ""), fields.get("s"), fields.get("i", "")
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
+            raise SASLError("SCRAM-SHA-256: the server's nonce does not extend ours")
+        if salt_b64 is None or not iterations.isdigit():
+            raise SASLError("SCRAM-SHA-256: malformed server-first-message")
+        count = int(iterations)
+        if not 1 <= count <= self.MAX_ITERATIONS:
+            raise SASLError(f"SCRAM-SHA-256: unacceptable iteration count {count}")
+        try:
+            salt = base64.b64decode(salt_b64, validate=True)
+        except ValueError:
+            raise SASLError("SCRAM-SHA-256: salt is not base64")
+        salted = hashlib.pbkdf2_hmac("sha256", self._password_bytes, salt, count)
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        stored_key = hashlib.sha256(client_key).digest()
+        without_proof = f"c=biws,r={nonce}"
+        auth = f"{self._first_bare},{server_first},{without_proof}".encode()
+        signature = hmac.digest(stored_key, auth, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        server_key = hmac.digest(salted, b"Server Key", "sha256")
+        self._server_signature = hmac.digest(server_key, auth, "sha256")
+        return f"{without_proof},p={base64.b64encode(proof).decode('ascii')}".encode()
+
+    def _verify(self, server_final: str) -> None:
+        if server_final.startswith("e="):
+            raise SASLError(f"SCRAM-SHA-256: server error {server_final[2:]}")
+        value = server_final.split(",", 1)[0]
+        if not value.startswith("v="):
+            raise SASLError("SCRAM-SHA-256: malformed server-final-message")
+        try:
+            got = base64.b64decode(value[2:], validate=True)
+        except ValueError:
+            raise SASLError("SCRAM-SHA-256: server signature is not base64")
+        if not hmac.compare_digest(got, self._server_signature):
+            raise SASLError("SCRAM-SHA-256: the server's signature is wrong")
 
     def respond(self, challenge: bytes) -> bytes:
         try:
-            if self._step == 1:
-                self._step = 2
-                self._client.set_server_first(challenge.decode("utf-8"))
-                final: str = self._client.get_client_final()
-                return final.encode("utf-8")
-            if self._step == 2:
-                self._step = 3
-                self._client.set_server_final(challenge.decode("utf-8"))
-                self.server_verified = True
-                return b""
-        except self._scramp.ScramException as e:
-            raise SASLError(f"SCRAM-SHA-256: {e}")
+            text = challenge.decode("utf-8")
         except UnicodeDecodeError:
             raise SASLError("SCRAM-SHA-256: challenge is not UTF-8")
+        if self._step == 1:
+            self._step = 2
+            return self._final(text)
+        if self._step == 2:
+            self._step = 3
+            self._verify(text)
+            self.server_verified = True
+            return b""
         raise SASLError("SCRAM-SHA-256: too many challenges")
 
 

@@ -15,7 +15,10 @@ Layout and rules (see also /work/shared/pop3-notes.md, "Maildir"):
    C{popservice-uidlist} (format below), replaced atomically (write a temporary
    file, fsync, rename).  A UIDL is assigned once, at first sight, from a
    monotonic counter, and never changes or comes back.  A warm login reads no
-   message file: sizes come from C{,W=} in the name or from the index.
+   message file: sizes come from C{,W=} in the name or from the index.  When
+   the files match the index, nothing is written, and the listing is made
+   with whole-list operations (no per-message Python code), or taken from a
+   small per-process cache keyed by the index's exact content.
  - Without an index, UIDLs are taken over from C{dovecot-uidlist} or
    C{courierpop3dsizelist} when present, so clients do not download everything
    again after a migration.
@@ -931,6 +934,7 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
         index, import_sizes, dirty = _load_index(path, uidl_format, raw)
         entries = index.entries
         candidates = list(entries)
+        added: list[str] = []
         if entries.keys() != found.keys():
             missing = entries.keys() - found.keys()
             if missing:
@@ -942,15 +946,17 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
                         del entries[b]
                         dirty = True
                 candidates = list(entries)
-            candidates += found.keys() - entries.keys()  # new messages
+            added = list(found.keys() - entries.keys())  # new messages
+            candidates += added
         # the index is kept in this order: sorting it again is cheap
         order = _sorted_bases(candidates)
         fresh: set[str] = set()
         unlisted: set[str] = set()
-        if len(order) != len(entries) or (entries and min(map(_SIZE_OF, entries.values())) < 0):
+        pending = bool(entries) and min(map(_SIZE_OF, entries.values())) < 0
+        if added or pending:
             # new messages, or taken-over UIDLs without a size: in order, so that
             # new UIDLs are given oldest first
-            for base in order:
+            for base in order if pending else _sorted_bases(added):
                 entry = entries.get(base)
                 if entry is not None and entry[1] >= 0:
                     continue
