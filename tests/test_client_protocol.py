@@ -24,7 +24,6 @@ from popservice.client.protocol import (
     AuthError,
     Capabilities,
     Credentials,
-    FastBodyDecoder,
     InUseError,
     NoMechanismError,
     POP3Client,
@@ -511,22 +510,6 @@ class SplitTests(unittest.TestCase):
         data, _ = self.transcript()
         self.assertEqual(self.run_session([data[i:i + 1] for i in range(len(data))]),
                          self.run_session([data]))
-
-    def test_fast_decoder_matches_wire(self) -> None:
-        rnd = random.Random(7)
-        pieces = [b".", b"\r", b"\n", b"a", b"\r\n", b".\r\n", b"\n.", b".."]
-        for _ in range(20000):
-            data = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 16)))
-            if rnd.random() < 0.8:
-                data += b"\r\n.\r\nNEXT"
-            cuts = sorted(rnd.sample(range(len(data) + 1), min(len(data) + 1, rnd.randint(0, 5))))
-            chunks = [data[i:j] for i, j in zip([0] + cuts, cuts + [len(data)])]
-            results = []
-            for cls in (wire.BodyDecoder, FastBodyDecoder):
-                d = cls()
-                out = b"".join(d.feed(ch) for ch in chunks)
-                results.append((out, d.done, d.trailing))
-            self.assertEqual(results[0], results[1], chunks)
 
 
 class CapabilitiesTests(unittest.TestCase):

@@ -40,6 +40,43 @@ def encode(chunks: list[bytes]) -> bytes:
     return b"".join(enc.encode(c) for c in chunks) + enc.finish()
 
 
+class ReferenceDecoder:
+    """The obvious line-by-line decoder, to hold the fast one in wire.py to."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.done = False
+        self.trailing = b""
+        self.mid_line = False  # part of the current line was already handed out
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            self.trailing += data
+            return b""
+        self.buffer += data
+        produced = b""
+        while not self.done:
+            nl = self.buffer.find(b"\n")
+            if nl < 0:
+                break
+            line, self.buffer = self.buffer[:nl + 1], self.buffer[nl + 1:]
+            if self.mid_line:
+                produced += line
+                self.mid_line = False
+                continue
+            if line in (b".\r\n", b".\n"):
+                self.done = True
+                self.trailing, self.buffer = self.buffer, b""
+                break
+            produced += line[1:] if line.startswith(b".") else line
+        # A partial line can be handed out unless it may be the terminator.
+        if not self.done and self.buffer and (self.mid_line or not self.buffer.startswith(b".")):
+            produced += self.buffer
+            self.buffer = b""
+            self.mid_line = True
+        return produced
+
+
 class BodyRoundTrip(unittest.TestCase):
     @settings(max_examples=2000, deadline=None)
     @given(body_bytes, st.lists(st.integers(min_value=0, max_value=300), max_size=8),
@@ -84,6 +121,19 @@ class BodyRoundTrip(unittest.TestCase):
         self.assertEqual(encode([b"a\r", b"\n", b".x"]), b"a\r\n..x\r\n.\r\n")
         self.assertEqual(encode([b""]), b".\r\n")
         self.assertEqual(encode([b"no newline"]), b"no newline\r\n.\r\n")
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.lists(st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n", b".\r\n", b"\n.", b".."]),
+                    max_size=16).map(b"".join),
+           st.lists(st.integers(min_value=0, max_value=60), max_size=5))
+    def test_decoder_matches_reference(self, data: bytes, cuts: list[int]) -> None:
+        data += b"\r\n.\r\nNEXT"
+        results = []
+        for cls in (wire.BodyDecoder, ReferenceDecoder):
+            dec = cls()
+            out = b"".join(dec.feed(c) for c in chunked(data, cuts))
+            results.append((out, dec.done, dec.trailing))
+        self.assertEqual(results[0], results[1])
 
     def test_decoder_split_terminator(self) -> None:
         data = b"line\r\n..stuffed\r\n.\r\n"

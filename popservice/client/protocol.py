@@ -342,78 +342,6 @@ class _Command:
         return b"".join(self.collected)
 
 
-class FastBodyDecoder:
-    """
-    The same contract and results as L{wire.BodyDecoder} (a property test
-    holds them equal for every chunking), but it scans for C{LF .} with
-    C{bytes.find} instead of walking the body line by line in Python: the
-    cost per chunk is a few C calls unless a line starts with a dot.
-    """
-
-    __slots__ = ("_line_start", "_pending", "done", "trailing")
-
-    def __init__(self) -> None:
-        self._line_start = True
-        self._pending = b""
-        self.done = False
-        self.trailing = b""
-
-    def feed(self, data: bytes) -> bytes:
-        if self.done:
-            self.trailing += data
-            return b""
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
-        if not data:
-            return b""
-        out: list[bytes] = []
-        pos = 0
-        n = len(data)
-        if self._line_start:
-            dot = pos
-        else:
-            dot = data.find(b"\n.", pos)
-            if dot < 0:
-                self._line_start = data.endswith(b"\n")
-                return data
-            dot += 1
-        while True:
-            # data[dot] is the first byte of a line; data[pos:dot] is plain content
-            if dot >= n:
-                out.append(data[pos:])
-                self._line_start = True
-                break
-            if data[dot] != 0x2E:  # "."
-                nxt = data.find(b"\n.", dot)
-                if nxt < 0:
-                    out.append(data[pos:])
-                    self._line_start = data.endswith(b"\n")
-                    break
-                dot = nxt + 1
-                continue
-            rest = data[dot + 1:dot + 3]
-            if rest == b"\r\n" or rest[:1] == b"\n":
-                out.append(data[pos:dot])
-                self.done = True
-                self.trailing = data[dot + 1 + (2 if rest == b"\r\n" else 1):]
-                return b"".join(out)
-            if not rest or rest == b"\r":
-                out.append(data[pos:dot])
-                self._pending = data[dot:]
-                self._line_start = True
-                return b"".join(out)
-            out.append(data[pos:dot])
-            pos = dot + 1  # drop the stuffing dot
-            nxt = data.find(b"\n.", pos)
-            if nxt < 0:
-                out.append(data[pos:])
-                self._line_start = data.endswith(b"\n")
-                break
-            dot = nxt + 1
-        return out[0] if len(out) == 1 else b"".join(out)
-
-
 #: a LIST/UIDL body where every line is "<digits> <printable token>"
 _LISTING_FAST = re.compile(rb"(?:[0-9]+ [\x21-\x7e]+\r?\n)*")
 _LISTING_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]+)")
@@ -445,7 +373,7 @@ class POP3Client(Protocol, TimeoutMixin):
         self.mechanism_used: str | None = None
         self.pipelining_enabled = True
         self._reader = wire.LineReader(MAX_STATUS_LINE)
-        self._decoder: FastBodyDecoder | None = None
+        self._decoder: wire.BodyDecoder | None = None
         self._queue: deque[_Command] = deque()
         self._inflight: deque[_Command] = deque()
         self._closed: Failure | None = None
@@ -554,7 +482,7 @@ class POP3Client(Protocol, TimeoutMixin):
             raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
         cmd.response = response
         if response.ok and cmd.multiline:
-            self._decoder = FastBodyDecoder()
+            self._decoder = wire.BodyDecoder()
             rest = self._reader.take_buffer()
             if rest:
                 self._body_data(rest)
