@@ -102,7 +102,8 @@ class Dovecot(Peer):
         self.server.set_mailbox("alice", "alice pw", [MESSAGE])
         self.server.start()
         self.port = self.server.port
-        out = subprocess.run(["pgrep", "-f", "dovecot -c " + self.server.conf], capture_output=True, text=True)
+        out = subprocess.run(["pgrep", "-f", "dovecot -c " + self.server.conf],
+                             capture_output=True, text=True)
         self.pid = int(out.stdout.split()[0])
 
     def stop(self) -> None:

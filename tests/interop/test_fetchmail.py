@@ -69,7 +69,10 @@ class FetchmailTests(unittest.TestCase):
         os.chmod(rc, 0o600)
         env = dict(os.environ, FETCHMAILHOME=self.home, HOME=self.home)
         return run(
-            [FETCHMAIL, "-f", rc, "-v", "--nosyslog", "--idfile", os.path.join(self.home, "ids")], env=env
+            # As root fetchmail locks /var/run/fetchmail.pid: a lock file of our own
+            # keeps concurrent runs (trial -j, another session) from refusing.
+            [FETCHMAIL, "-f", rc, "-v", "--nosyslog", "--idfile", os.path.join(self.home, "ids"),
+             "--pidfile", os.path.join(self.home, "fetchmail.pid")], env=env
         )
 
     def delivered(self) -> list[bytes]:
