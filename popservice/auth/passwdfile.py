@@ -663,6 +663,12 @@ def _representative_hash(records: Mapping[str, PasswdRecord]) -> str | None:
 _StatKey = tuple[int, int, int, int]
 
 
+#: Schemes verified without a thread: one hash or a comparison.
+_CHEAP_SCHEMES = frozenset({"PLAIN", "CLEAR", "CLEARTEXT", "PLAIN-MD5", "LDAP-MD5", "SHA", "SHA1",
+                            "SHA256", "SHA512", "SMD5", "SSHA", "SSHA256", "SSHA512", "CRAM-MD5",
+                            "HMAC-MD5"})
+
+
 @implementer(ICredentialsChecker, IUserDirectory, ISASLSecretSource)
 class PasswdFileChecker:
     """
@@ -856,7 +862,13 @@ class PasswdFileChecker:
         genuine = rec is not None and rec.scheme is not None and "nologin" not in rec.extra
         hashed = rec.password if rec is not None and rec.scheme is not None else self._dummy
 
-        d = self._run_in_thread(lambda: self._verify(hashed, password, genuine))
+        scheme = (rec.scheme if rec is not None and rec.scheme is not None
+                  else split_scheme(hashed)[0] if hashed else None)
+        if scheme in _CHEAP_SCHEMES:
+            # Microseconds of work: a thread hop would cost more than it saves.
+            d: defer.Deferred[bool] = defer.maybeDeferred(self._verify, hashed, password, genuine)
+        else:
+            d = self._run_in_thread(lambda: self._verify(hashed, password, genuine))
 
         def decide(ok: bool) -> str:
             if ok and rec is not None:

@@ -628,7 +628,9 @@ class MaildirStore:
     async def _open(self, path: str) -> IMailbox:
         lock = self._make_lock(path)
         try:
-            await deferToThread(ensure_maildir, path)
+            if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("cur", "new", "tmp")):
+                # Usually there already: one stat here instead of a thread hop.
+                await deferToThread(ensure_maildir, path)
             if lock is not None:
                 await defer.maybeDeferred(lock.acquire)
             messages = await deferToThread(scan_maildir, path, self.uidl_format)
