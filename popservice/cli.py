@@ -93,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_cli = None  # type: ignore[assignment]
     if client_cli is not None and hasattr(client_cli, "add_subcommands"):
         client_cli.add_subcommands(sub)
-    from popservice import admin
+    from popservice import admin, expire
 
     admin.add_subcommands(sub)
+    expire.add_subcommands(sub)
     args = parser.parse_args(argv)
     run_command = getattr(args, "func", None) or args.handler
     return int(run_command(args) or 0)

@@ -56,7 +56,7 @@ def expire_all(store: IMailStore, records: list[Any], default: int | None, now: 
     return results
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     from popservice.auth.passwdfile import PasswdFileChecker
     from popservice.tap import make_store
 
@@ -70,12 +70,11 @@ def run(args: argparse.Namespace) -> int:
         for user, outcome in sorted(results.items()):
             print("%s: %s" % (user, outcome if isinstance(outcome, str) else "%d expired" % outcome))
 
-    task.react(main)
-    return 0
+    task.react(main)  # exits the process with main's outcome
 
 
 def add_subcommands(subparsers: Any) -> None:
-    p = subparsers.add_parser("expire", help="remove messages retrieved more than N days ago (RFC 2449 EXPIRE)",
+    p = subparsers.add_parser("expire", help="remove messages retrieved N days ago (RFC 2449 EXPIRE)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mail", required=True, help="mail store, e.g. maildir:/srv/mail/%%u")
     p.add_argument("--passwd", required=True, help="the passwd-file listing the users")

@@ -122,3 +122,20 @@ class ISessionObserver(Interface):
 
     def event(name: str, session: object, **fields: object) -> None:
         """Record event C{name} of C{session} with structured C{fields}."""
+
+
+class IExpiringMailbox(IMailbox):
+    """
+    A mailbox that remembers when messages were first retrieved, so they can
+    be removed a set time later (RFC 2449 EXPIRE).
+    """
+
+    def record_retrieved(indices: "list[int]", when: float) -> "Deferred[None]":
+        """Note that these messages were retrieved at C{when} (first time only counts)."""
+
+    def expire(days: int, now: float) -> "Deferred[int]":
+        """
+        Remove the messages first retrieved at least C{days} days before
+        C{now}, from the store and from this session's listing (call it before
+        L{listing}); fires with how many went.
+        """

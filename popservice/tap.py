@@ -120,8 +120,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["oauth-user-claim", None, "sub", "The token claim naming the user."],
         ["master-users", None, "", "Comma-separated users allowed to log in as others with a PLAIN "
          "authorization id."],
-        ["expire", None, "NEVER", "RFC 2449 EXPIRE: NEVER or 0 (retrieved messages are deleted at "
-         "QUIT); per-user: passwd-file extra field expire=N."],
+        ["expire", None, "NEVER", "RFC 2449 EXPIRE, enforced: NEVER, 0 (retrieved messages are deleted "
+         "at QUIT) or N days after first retrieval (at the user's next login, and by 'popservice "
+         "expire' run periodically); per user: passwd-file extra field expire=N."],
     ]
     optFlags = [
         ["allow-plaintext-auth", None, "Accept passwords without TLS from any address (insecure)."],
@@ -147,10 +148,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if bool(self["tls-certificate"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-certificate and --tls-key go together")
         expire = str(self["expire"]).upper()
-        if expire not in ("NEVER", "0"):
-            # EXPIRE n > 0 needs first-retrieval times kept by the store and a
-            # periodic job; until then it is not offered rather than not enforced.
-            raise usage.UsageError("--expire must be NEVER or 0")
+        if expire != "NEVER" and not expire.isdigit():
+            raise usage.UsageError("--expire must be NEVER or a number of days")
         self["expire"] = None if expire == "NEVER" else int(expire)
         if self["lock"] not in ("exclusive", "none"):
             raise usage.UsageError("--lock must be exclusive or none")

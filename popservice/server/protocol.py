@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from popservice import wire
 from popservice.interfaces import (
+    IExpiringMailbox,
     IMailbox,
     IMessageStream,
     MailboxInUse,
@@ -236,7 +237,13 @@ class POP3ServerProtocol(Protocol):
             self.factory.registry.unregister(self.user, self)
         if session is None:
             return defer.succeed(None)
-        d: defer.Deferred[Any] = defer.maybeDeferred(session.mailbox.close)
+        d: defer.Deferred[Any] = defer.succeed(None)
+        retrieved = sorted(session.retrieved - session.deleted if session.updated else session.retrieved)
+        if retrieved and self._expire(self.user) and IExpiringMailbox.providedBy(session.mailbox):
+            # RFC 2449 EXPIRE n counts from the first retrieval, finished session or not.
+            mailbox: IExpiringMailbox = session.mailbox
+            d.addCallback(lambda _: mailbox.record_retrieved(retrieved, self.factory.clock.seconds()))
+        d.addCallback(lambda _: session.mailbox.close())
         d.addErrback(lambda f: self.log.failure("closing mailbox failed", f))
         return d
 
@@ -653,19 +660,31 @@ class POP3ServerProtocol(Protocol):
         name = username.decode("utf-8", "replace")
         d: defer.Deferred[Any] = defer.maybeDeferred(
             self.factory.portal.login, credentials, None, IMailbox, twisted_pop3.IMailbox)
-        d.addCallback(self._open_session)
+        d.addCallback(self._open_session, name)
         d.addCallbacks(self._login_succeeded, self._login_failed, callbackArgs=(name,),
                        errbackArgs=(name, via))
         d.addErrback(self._internal_error)
 
-    def _open_session(self, result: tuple[Any, Any, Callable[[], None]]) -> "defer.Deferred[MailboxSession]":
+    def _open_session(self, result: tuple[Any, Any, Callable[[], None]], name: str
+                      ) -> "defer.Deferred[MailboxSession]":
         interface, avatar, logout = result
         mailbox: IMailbox
         if interface is IMailbox:
             mailbox = avatar
         else:
             mailbox = TwistedMailboxAdapter(avatar, logout)
-        d: defer.Deferred[Any] = defer.maybeDeferred(mailbox.listing)
+        d: defer.Deferred[Any] = defer.succeed(None)
+        days = self._expire(name)
+        if days and IExpiringMailbox.providedBy(mailbox):
+            # RFC 2449 EXPIRE n: messages retrieved n days ago go before the listing is frozen.
+            expiring: IExpiringMailbox = mailbox
+            def expired(count: int) -> None:
+                if count:
+                    self._event("expired", attempted=name, count=count)
+
+            d.addCallback(lambda _: expiring.expire(days, self.factory.clock.seconds()))
+            d.addCallback(expired)
+        d.addCallback(lambda _: mailbox.listing())
 
         def failed(f: Failure) -> Failure:
             defer.maybeDeferred(mailbox.close)
@@ -729,9 +748,7 @@ class POP3ServerProtocol(Protocol):
         expire = self.factory.config.policy.expire
         if value is not None:
             expire = int(value) if value.isdigit() else None
-        # Only EXPIRE 0 is enforced (at QUIT); a longer period is not advertised
-        # because nothing would enforce it yet.
-        return expire if expire == 0 else None
+        return expire
 
     def _login_failed(self, failure: Failure, name: str, via: str = "USER") -> None:
         if failure.check(UnauthorizedLogin):

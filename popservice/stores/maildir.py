@@ -61,6 +61,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popservice.interfaces import (
+    IExpiringMailbox,
     IMailbox,
     IMailboxLock,
     IMailStore,
@@ -71,6 +72,7 @@ from popservice.interfaces import (
     MessageInfo,
 )
 from popservice.stores.lock import LOCK_FILE_NAME, FcntlMailboxLock
+from popservice.stores.retrieval import RetrievalLog
 from popservice.wire import transmitted_size
 
 __all__ = [
@@ -1060,7 +1062,7 @@ class MaildirMessageStream:
             f.close()
 
 
-@implementer(IMailbox)
+@implementer(IExpiringMailbox)
 class MaildirMailbox:
     """
     One session's view of a Maildir: the listing frozen at open.  Indices are
@@ -1158,6 +1160,44 @@ class MaildirMailbox:
             return await deferToThread(self._delete_sync, indices)
         except Exception as e:
             raise _translate(e, f"deleting messages in {self.path}") from e
+
+    def record_retrieved(self, indices: "list[int]", when: float) -> "defer.Deferred[None]":
+        """RFC 2449 EXPIRE: remember when these messages were first retrieved."""
+        uids = [self._infos[i].uid for i in indices if 0 <= i < len(self._infos) and i not in self._deleted]
+        try:
+            RetrievalLog(self.path).record(uids, when)
+        except OSError as e:  # the message is merely kept longer
+            log.warn("cannot record retrievals in {path}: {error}", path=self.path, error=e)
+        return defer.succeed(None)
+
+    def expire(self, days: int, now: float) -> "defer.Deferred[int]":
+        """RFC 2449 EXPIRE: remove messages first retrieved C{days} days ago or earlier."""
+        if self._closed:
+            return defer.fail(MailboxUnavailable("mailbox closed"))
+        return defer.Deferred.fromCoroutine(self._expire(days, now))
+
+    async def _expire(self, days: int, now: float) -> int:
+        try:
+            return await deferToThread(self._expire_sync, days, now)
+        except Exception as e:
+            raise _translate(e, f"expiring messages in {self.path}") from e
+
+    def _expire_sync(self, days: int, now: float) -> int:
+        retrieval = RetrievalLog(self.path)
+        old = retrieval.expired(days, now)
+        if not old:
+            return 0
+        indices = [i for i, info in enumerate(self._infos) if info.uid in old]
+        failed = set(self._delete_sync(indices))
+        gone = {i for i in indices if i not in failed}
+        # The session's listing never shows them: new lists (the old ones may be shared).
+        keep = [i for i in range(len(self._files)) if i not in gone]
+        self._files = [self._files[i] for i in keep]
+        self._infos = [self._infos[i] for i in keep]
+        self._deleted = set()
+        present = {info.uid for info in self._infos}
+        retrieval.forget(uid for uid in old if uid not in present)
+        return len(gone)
 
     def close(self) -> "defer.Deferred[None]":
         if self._closed:

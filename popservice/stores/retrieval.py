@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 FILE_NAME = "popservice-retrieved"
 _LINE = re.compile(r"([\x21-\x7e]{1,70}) ([0-9]+(?:\.[0-9]*)?)\Z")
