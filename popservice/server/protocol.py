@@ -102,10 +102,10 @@ class POP3ServerProtocol(Protocol):
     commands_per_turn = 32
     input_high_water = 4096
 
-    state = State.AUTHORIZATION
-    session: MailboxSession | None = None
-    user: str | None = None
-    end_reason = "disconnected"
+    state: State
+    session: MailboxSession | None
+    user: str | None
+    end_reason: str
 
     def __init__(self) -> None:
         # Every attribute is created here, in one order, so instances share
