@@ -250,13 +250,15 @@ class CrashTests(DovecotFetchBase):
 
     TRIALS = int(os.environ.get("POPSERVICE_CRASH_TRIALS", "20"))
     MESSAGES = 300
+    #: `fetch --engine` (tests.test_fetch_blocking runs these trials with "blocking")
+    ENGINE = "twisted"
 
     def cli(self, md: str, state: str, keep: bool) -> list[str]:
         args = [sys.executable, "-m", "popservice.client.cli", "fetch",
                 f"pop3://crash@127.0.0.1:{self.server.port}", "--to", f"maildir:{md}",
                 "--state-dir", state, "--starttls", "none", "--allow-plaintext", "-q"]
         # small batches: more commit points for a kill to land between
-        return args + ["--batch", "16"] + (["--keep"] if keep else [])
+        return args + ["--batch", "16", "--engine", self.ENGINE] + (["--keep"] if keep else [])
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, POPSERVICE_PASSWORD=fx.USERS["crash"])

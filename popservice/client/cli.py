@@ -22,22 +22,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
-from twisted.python.failure import Failure
-
-from popservice.client.connect import POP3URL, connect, open_connection, parse_url
-from popservice.client.fetch import (
+# The default fetch path (the blocking engine) must not import Twisted: it
+# costs about as much start-up time as a whole fetch.  Twisted is imported
+# inside the functions that need it (probe, migrate, fetch --engine twisted).
+from popservice.client import blocking
+from popservice.client.blocking import Credentials
+from popservice.client.delivery import (
     DeliveryError,
     FetchOptions,
     Progress,
     StateLocked,
-    fetch,
     make_target,
 )
-from popservice.client.protocol import Capabilities, Credentials, POP3Client, POP3ClientError, POP3Error
+from popservice.client.url import POP3URL, parse_url
+
+if TYPE_CHECKING:
+    from twisted.internet import defer
+
+    from popservice.client import protocol
+    from popservice.client.protocol import Capabilities, POP3Client
 
 __all__ = ["add_subcommands", "main", "EX_OK", "EX_TEMPFAIL"]
 
@@ -105,6 +110,8 @@ def _add_fetch(sub: Any) -> None:
                    help="messages made durable together (one sync and journal write per batch)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.add_argument("--progress", action="store_true", help="show progress even when not on a TTY")
+    p.add_argument("--engine", choices=("blocking", "twisted"), default="blocking",
+                   help="the stdlib blocking engine (default: starts fast) or the Twisted one")
     p.set_defaults(handler=run_fetch)
 
 
@@ -183,24 +190,53 @@ def default_state_dir(url: POP3URL, username: str) -> str:
 # --------------------------------------------------------------------------
 # Running
 
-def _describe_failure(f: Failure) -> tuple[str, int]:
-    e = f.value
-    if isinstance(e, POP3Error):
+def _describe_error(e: BaseException) -> tuple[str, int]:
+    """A message and an exit status for an error of either engine."""
+    if isinstance(e, blocking.POP3Error):
         return str(e), EX_TEMPFAIL if e.temporary else EX_FAIL
+    if isinstance(e, blocking.TLSError):
+        return f"TLS: {e}", EX_FAIL
     if isinstance(e, StateLocked):
         return str(e), EX_TEMPFAIL
-    if isinstance(e, (ConnectError, ConnectionLost, TimeoutError, OSError)):
+    if isinstance(e, (blocking.POP3ClientError, DeliveryError)):
+        return str(e), EX_FAIL
+    if "twisted" in sys.modules:
+        from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+
+        from popservice.client.protocol import POP3ClientError, POP3Error
+
+        if isinstance(e, POP3Error):
+            return str(e), EX_TEMPFAIL if e.temporary else EX_FAIL
+        if isinstance(e, (ConnectError, ConnectionLost, TimeoutError)):
+            return f"network: {e}", EX_TEMPFAIL
+        if isinstance(e, POP3ClientError):
+            return str(e), EX_FAIL
+    if isinstance(e, OSError):
         return f"network: {e}", EX_TEMPFAIL
-    if isinstance(e, (POP3ClientError, DeliveryError, ValueError)):
+    if isinstance(e, ValueError):
         return str(e), EX_FAIL
     if type(e).__module__.startswith("OpenSSL"):
         return f"TLS: {e}", EX_FAIL
     return f"{type(e).__name__}: {e}", EX_FAIL
 
 
+def _describe_failure(f: Any) -> tuple[str, int]:
+    """L{_describe_error} for a Twisted Failure."""
+    return _describe_error(f.value)
+
+
+def _twisted_credentials(creds: Credentials) -> protocol.Credentials:
+    from popservice.client.protocol import Credentials as TwistedCredentials
+
+    return TwistedCredentials(creds.username, creds.password, creds.token, creds.authzid,
+                              creds.mechanisms, creds.allow_plaintext)
+
+
 def run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
     """Run C{main(reactor)} to completion on the global reactor; its int is the exit status."""
+    from twisted.internet import defer
     from twisted.internet import reactor as _reactor
+    from twisted.python.failure import Failure
 
     reactor: Any = _reactor
     status: list[int] = []
@@ -243,15 +279,49 @@ def run_fetch(args: argparse.Namespace) -> int:
     options = FetchOptions(keep=args.keep, limit=args.limit, max_size=args.max_size, window=args.window,
                            batch_messages=max(1, args.batch))
 
-    @defer.inlineCallbacks
-    def main(reactor: Any) -> Any:
-        client = yield connect(reactor, url, creds, **_options(args))
-        result = yield fetch(client, target, state_dir, options, progress)
+    def report(result: Any) -> int:
         for w in warnings + result.warnings:
             sys.stderr.write(f"popservice: warning: {w}\n")
         if not args.quiet:
             sys.stderr.write(result.summary() + "\n")
         return EX_OK
+
+    if getattr(args, "engine", "blocking") == "twisted":
+        return _run_fetch_twisted(args, creds, target, state_dir, options, progress, report)
+    try:
+        try:
+            result = blocking.run_fetch(url, creds, target, state_dir, options, progress,
+                                        **_options(args))
+        except Exception as e:
+            text, code = _describe_error(e)
+            sys.stderr.write(f"popservice: {text}\n")
+            return code
+        return report(result)
+    finally:
+        target_close = getattr(target, "fd", None)
+        if isinstance(target_close, int):
+            try:
+                os.close(target_close)
+            except OSError:
+                pass
+
+
+def _run_fetch_twisted(args: argparse.Namespace, creds: Credentials, target: Any, state_dir: str,
+                       options: FetchOptions, progress: Progress,
+                       report: Callable[[Any], int]) -> int:
+    from twisted.internet import defer
+
+    from popservice.client.connect import connect
+    from popservice.client.connect import parse_url as twisted_parse_url
+    from popservice.client.fetch import fetch
+
+    url = twisted_parse_url(args.url)
+
+    @defer.inlineCallbacks
+    def main(reactor: Any) -> Any:
+        client = yield connect(reactor, url, _twisted_credentials(creds), **_options(args))
+        result = yield fetch(client, target, state_dir, options, progress)
+        return report(result)
 
     try:
         return run_reactor(main)
@@ -293,7 +363,14 @@ def _capa_lines(caps: Capabilities | None) -> list[str]:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    url = parse_url(args.url)
+    from twisted.internet import defer
+    from twisted.python.failure import Failure
+
+    from popservice.client.connect import open_connection
+    from popservice.client.connect import parse_url as twisted_parse_url
+    from popservice.client.protocol import POP3Error
+
+    url = twisted_parse_url(args.url)
     out = sys.stdout
 
     @defer.inlineCallbacks
@@ -371,8 +448,13 @@ def _write_popservice_index(path: str, entries: list[tuple[str, int, str]]) -> N
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    url = parse_url(args.url)
-    creds = resolve_credentials(args, url)
+    from twisted.internet import defer
+
+    from popservice.client.connect import connect
+    from popservice.client.connect import parse_url as twisted_parse_url
+
+    url = twisted_parse_url(args.url)
+    creds = _twisted_credentials(resolve_credentials(args, parse_url(args.url)))
     kind, _, path = args.to.partition(":")
     if kind != "maildir" or not path:
         raise SystemExit("popservice: migrate needs --to maildir:PATH")
@@ -382,7 +464,7 @@ def run_migrate(args: argparse.Namespace) -> int:
 
     @defer.inlineCallbacks
     def main(reactor: Any) -> Any:
-        from popservice.client.fetch import fsync_dir
+        from popservice.client.delivery import fsync_dir
 
         client = yield connect(reactor, url, creds, **_options(args))
         uidls = yield client.uidl()

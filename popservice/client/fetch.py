@@ -31,643 +31,55 @@ and durability is batched: per batch an fdatasync of each file (by then
 nearly free: one filesystem journal commit covers the batch), one fsync of
 tmp/, one journal append+fsync, the renames, then the DELEs.  A server
 without UIDL is refused (exactly-once is impossible without it).
+
+The journal, the targets and the batch logic live in
+L{popservice.client.delivery} (shared with the blocking engine,
+L{popservice.client.blocking}, which C{popservice fetch} uses by default);
+this module is the Twisted engine and re-exports them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import os
-import re
-import shlex
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from popservice.client.delivery import (
+    DeliveryError,
+    DeliverySession,
+    FetchOptions,
+    FetchResult,
+    Journal,
+    MaildirTarget,
+    MboxTarget,
+    MDATarget,
+    MessageWriter,
+    Progress,
+    StateLocked,
+    Target,
+    fsync_dir,
+    make_target,
+    start_writeback,
+    syncfs,
+)
 from popservice.client.protocol import POP3Client, POP3ClientError, POP3Error, UidlEntry
 
 __all__ = [
-    "FetchOptions", "FetchResult", "Fetcher", "Journal", "MaildirTarget", "MboxTarget",
-    "MDATarget", "NoUIDLError", "StateLocked", "make_target", "fetch",
+    "DeliveryError", "FetchOptions", "FetchResult", "Fetcher", "Journal", "MaildirTarget",
+    "MboxTarget", "MDATarget", "MessageWriter", "NoUIDLError", "Progress", "StateLocked",
+    "Target", "fetch", "fsync_dir", "make_target", "start_writeback", "syncfs",
 ]
-
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)  # the process image: libc is in it
-        fn: Callable[[int], int] = libc.syncfs
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_syncfs: Callable[[int], int] | None | bool = False
-_sync_file_range: Callable[[int, int, int, int], int] | None | bool = False
-#: sync_file_range(2) flag: start writeback of dirty pages, do not wait
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int) -> None:
-    """
-    Start writing C{fd}'s dirty pages to disk without waiting (Linux
-    sync_file_range(2)); a later fdatasync then has (almost) nothing left to
-    do, and the block allocations of a whole batch of files land in one
-    filesystem journal commit instead of one each.  A no-op elsewhere.
-    """
-    global _sync_file_range
-    if _sync_file_range is False:
-        _sync_file_range = None
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                libc = ctypes.CDLL(None, use_errno=True)  # the process image: libc is in it
-                fn = libc.sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _sync_file_range = fn
-            except (OSError, AttributeError):
-                pass
-    if _sync_file_range is not None and _sync_file_range is not True:
-        _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # advisory: errors show up at fdatasync
-
-
-def syncfs(fd: int) -> bool:
-    """
-    Linux syncfs(2): write back and commit everything dirty on C{fd}'s
-    filesystem, waiting for it (errors reported since Linux 5.8).  One call
-    makes a whole batch of files and directory entries durable.  Returns
-    False when unavailable (the caller then fsyncs file by file).
-    """
-    global _syncfs
-    if _syncfs is False:
-        _syncfs = _load_syncfs()
-    if _syncfs is None or _syncfs is True:
-        return False
-    if _syncfs(fd) != 0:
-        import ctypes
-
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return True
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-class StateLocked(Exception):
-    """Another fetch for the same account is running."""
-
 
 class NoUIDLError(POP3ClientError):
     """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
 
 
-class DeliveryError(Exception):
-    """A message could not be delivered locally (nothing was deleted)."""
-
-
-# --------------------------------------------------------------------------
-# The journal
-
-class Journal:
-    """The per-account record of delivered UIDLs (see the module docstring)."""
-
-    def __init__(self, state_dir: str) -> None:
-        self.dir = state_dir
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self.path = os.path.join(state_dir, "journal")
-        self._lock_fd = os.open(os.path.join(state_dir, "lock"),
-                                os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self._lock_fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise StateLocked(f"another fetch holds {state_dir}/lock")
-            raise
-        self.delivered: set[str] = set()
-        #: maildir records: uidl -> (tmp name, final name)
-        self.maildir: dict[str, tuple[str, str]] = {}
-        #: offset of an mbox batch that never committed
-        self.open_mbox_batch: int | None = None
-        #: MDA runs that never recorded their outcome
-        self.mda_unknown: set[str] = set()
-        self._records = 0
-        self._load()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _CLOEXEC, 0o600)
-
-    def _load(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            # a torn record from a crash: cut it off so appends start on a fresh line
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
-        batch: list[str] | None = None
-        for raw in data[:end].split(b"\n"):
-            parts = raw.decode("ascii", "replace").split(" ")
-            op = parts[0]
-            if not op:
-                continue
-            self._records += 1
-            if op == "D" and len(parts) == 2:
-                if batch is not None:
-                    batch.append(parts[1])
-                else:
-                    self.delivered.add(parts[1])
-                    self.mda_unknown.discard(parts[1])
-            elif op == "M" and len(parts) == 4:
-                self.delivered.add(parts[1])
-                self.maildir[parts[1]] = (parts[2], parts[3])
-            elif op == "B" and len(parts) == 2:
-                batch = []
-                self.open_mbox_batch = int(parts[1])
-            elif op == "C":
-                if batch is not None:
-                    self.delivered.update(batch)
-                batch = None
-                self.open_mbox_batch = None
-            elif op == "I" and len(parts) == 2:
-                self.mda_unknown.add(parts[1])
-
-    @property
-    def needs_compaction(self) -> bool:
-        return bool(self.maildir or self.mda_unknown or self.open_mbox_batch is not None
-                    or self._records > len(self.delivered))
-
-    def append(self, records: Sequence[str], sync: bool = True) -> None:
-        """Append whole records (one write) and fsync."""
-        if not records:
-            return
-        _write_all(self._fd, "".join(r + "\n" for r in records).encode("ascii"))
-        self._records += len(records)
-        if sync:
-            os.fsync(self._fd)
-
-    def sync(self) -> None:
-        os.fsync(self._fd)
-
-    def compact(self, keep: set[str] | None = None) -> None:
-        """Rewrite as D lines (only those in C{keep} when given), atomically."""
-        uids = self.delivered if keep is None else self.delivered & keep
-        tmp = self.path + ".new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, 0o600)
-        try:
-            _write_all(fd, "".join(f"D {u}\n" for u in sorted(uids)).encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        fsync_dir(self.dir)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _CLOEXEC, 0o600)
-        self.delivered = set(uids)
-        self.maildir.clear()
-        self.mda_unknown.clear()
-        self.open_mbox_batch = None
-        self._records = len(uids)
-
-    def close(self) -> None:
-        os.close(self._fd)
-        os.close(self._lock_fd)
-
-
-# --------------------------------------------------------------------------
-# Delivery targets
-
-class MessageWriter(Protocol):
-    def write(self, chunk: bytes) -> None: ...
-
-
-class Target:
-    """Where messages go.  Subclasses implement the crash-safe protocol."""
-
-    #: store CRLF line ends (False: LF, the Unix convention)
-    crlf = False
-    #: may L{prepare} run in a thread while the next messages are written?
-    threadable = False
-    description = ""
-
-    def recover(self, journal: Journal) -> None:
-        """Finish or roll back what a crash interrupted (before compaction)."""
-
-    def open(self, uid: str, size: int) -> Any:
-        """Start a message; returns a writer with C{write(chunk)}."""
-        raise NotImplementedError
-
-    def finished(self, writer: Any) -> int:
-        """The message is complete (not yet durable); returns its stored size."""
-        raise NotImplementedError
-
-    def abort(self, writer: Any) -> None:
-        """The download failed: forget this message."""
-
-    def prepare(self, writers: list[Any]) -> None:
-        """Make a batch durable (may run in a thread: no journal, no reactor)."""
-
-    def commit(self, journal: Journal, uids: list[str], writers: list[Any]) -> None:
-        """Record a prepared batch in the journal (fsynced) and publish it."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-_counter = 0
-
-
-def _unique(prefix: str) -> str:
-    global _counter
-    _counter += 1
-    now = time.time()
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-    return f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{_counter}{prefix}.{host}"
-
-
-class _FileWriter:
-    __slots__ = ("uid", "name", "fd", "size", "final")
-
-    def __init__(self, uid: str, name: str, fd: int) -> None:
-        self.uid = uid
-        self.name = name
-        self.fd = fd
-        self.size = 0
-        self.final = name
-
-    def write(self, chunk: bytes) -> None:
-        _write_all(self.fd, chunk)
-        self.size += len(chunk)
-
-
-class MaildirTarget(Target):
-    """
-    Deliver into a Maildir: tmp/ (durable), journal, then rename into new/.
-
-    Two ways in: L{open}/L{finished} stream a message into its tmp/ file as
-    it arrives; L{store} writes a whole message (its chunks) with one
-    C{writev} and starts its writeback at once.  L{prepare} then makes a
-    batch durable: fdatasync of each file (cheap when writeback was started
-    early: one filesystem journal commit covers the batch) and one fsync of
-    tmp/ for the names; C{use_syncfs=True} uses one syncfs(2) instead, which
-    also waits for every other program's dirty data on that filesystem.
-    """
-
-    threadable = True
-
-    def __init__(self, path: str, crlf: bool = False, tag: str = "", use_syncfs: bool = False) -> None:
-        self.use_syncfs = use_syncfs
-        self.path = os.path.abspath(os.path.expanduser(path))
-        self.crlf = crlf
-        self.description = f"maildir:{self.path}"
-        #: our tmp/ names carry this so recovery removes only our orphans
-        self.tag = "R" + (re.sub(r"[^A-Za-z0-9]", "", tag)[:16] or "popfetch")
-        for sub in ("cur", "new", "tmp"):
-            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
-        self.tmp = os.path.join(self.path, "tmp")
-        self.new = os.path.join(self.path, "new")
-
-    def recover(self, journal: Journal) -> None:
-        referenced = set()
-        for tmp_name, final in journal.maildir.values():
-            referenced.add(tmp_name)
-            src = os.path.join(self.tmp, tmp_name)
-            if os.path.exists(src):
-                os.rename(src, os.path.join(self.new, final))
-        if journal.maildir:
-            fsync_dir(self.new)
-        marker = self.tag + "."
-        removed = False
-        for name in os.listdir(self.tmp):
-            if marker in name and name not in referenced:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.tmp, name))
-                    removed = True
-        if removed or journal.maildir:
-            fsync_dir(self.tmp)
-
-    def open(self, uid: str, size: int) -> _FileWriter:
-        name = _unique(self.tag)
-        fd = os.open(os.path.join(self.tmp, name),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600)
-        return _FileWriter(uid, name, fd)
-
-    def finished(self, writer: _FileWriter) -> int:
-        writer.final = f"{writer.name},S={writer.size}"
-        return writer.size
-
-    def store(self, uid: str, chunks: list[bytes]) -> _FileWriter:
-        """Write a complete message into a new tmp/ file (not yet durable)."""
-        writer = self.open(uid, 0)
-        try:
-            size = sum(map(len, chunks))
-            written = os.writev(writer.fd, chunks) if chunks else 0
-            if written < size:  # a short write: finish the rest by hand
-                _write_all(writer.fd, b"".join(chunks)[written:])
-            writer.size = size
-            start_writeback(writer.fd)
-        except BaseException:
-            self.abort(writer)
-            raise
-        self.finished(writer)
-        return writer
-
-    def abort(self, writer: _FileWriter) -> None:
-        if writer.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(writer.fd)
-            writer.fd = -1
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(self.tmp, writer.name))
-
-    def prepare(self, writers: list[_FileWriter]) -> None:
-        if self.use_syncfs and len(writers) > 2 and writers[0].fd >= 0 and syncfs(writers[0].fd):
-            # one syncfs covers the data of every file and the tmp/ entries
-            for w in writers:
-                os.close(w.fd)
-                w.fd = -1
-            return
-        for w in writers:
-            os.fdatasync(w.fd)
-            os.close(w.fd)
-            w.fd = -1
-        fsync_dir(self.tmp)
-
-    def commit(self, journal: Journal, uids: list[str], writers: list[_FileWriter]) -> None:
-        journal.append([f"M {w.uid} {w.name} {w.final}" for w in writers])
-        journal.delivered.update(uids)
-        tmp, new = self.tmp + "/", self.new + "/"
-        for w in writers:
-            os.rename(tmp + w.name, new + w.final)
-
-    def close(self) -> None:
-        fsync_dir(self.new)
-        fsync_dir(self.tmp)
-
-
-class _MboxQuoter:
-    """mboxrd: every line matching C{^>*From } gets one more C{>}, across chunks."""
-
-    _FROM = re.compile(rb"^(>*From )", re.MULTILINE)
-
-    def __init__(self, out: Callable[[bytes], None]) -> None:
-        self.out = out
-        self._partial = b""
-        self.last = b"\n"
-
-    def write(self, chunk: bytes) -> None:
-        data = self._partial + chunk
-        nl = data.rfind(b"\n")
-        if nl < 0:
-            self._partial = data
-            return
-        self._partial = data[nl + 1:]
-        self._emit(data[:nl + 1])
-
-    def _emit(self, data: bytes) -> None:
-        if data:
-            self.out(self._FROM.sub(rb">\1", data))
-            self.last = data[-1:]
-
-    def close(self) -> None:
-        self._emit(self._partial)
-        self._partial = b""
-        if self.last != b"\n":
-            self.out(b"\n")
-
-
-class MboxTarget(Target):
-    """Append to an mbox (mboxrd quoting); a batch is truncated away unless committed."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(os.path.expanduser(path))
-        self.description = f"mbox:{self.path}"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _CLOEXEC, 0o600)
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            raise DeliveryError(f"{self.path} is locked by another program")
-        self._batch_started = False
-        self._journal: Journal | None = None
-
-    def recover(self, journal: Journal) -> None:
-        self._journal = journal
-        if journal.open_mbox_batch is not None:
-            size = os.fstat(self.fd).st_size
-            if size > journal.open_mbox_batch:
-                os.ftruncate(self.fd, journal.open_mbox_batch)
-                os.fsync(self.fd)
-
-    def open(self, uid: str, size: int) -> Any:
-        assert self._journal is not None
-        if not self._batch_started:
-            # the rollback point must be durable before the first byte is appended
-            self._journal.append([f"B {os.fstat(self.fd).st_size}"])
-            self._batch_started = True
-        envelope = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
-        _write_all(self.fd, f"From MAILER-DAEMON {envelope}\n".encode("ascii"))
-        return _MboxQuoter(lambda b: _write_all(self.fd, b))
-
-    def finished(self, writer: Any) -> int:
-        writer.close()
-        _write_all(self.fd, b"\n")
-        return int(os.fstat(self.fd).st_size)
-
-    def abort(self, writer: Any) -> None:
-        raise DeliveryError("mbox: download failed in the middle of a batch")
-
-    def prepare(self, writers: list[Any]) -> None:
-        os.fsync(self.fd)
-
-    def commit(self, journal: Journal, uids: list[str], writers: list[Any]) -> None:
-        journal.append([f"D {u}" for u in uids] + ["C"])
-        journal.delivered.update(uids)
-        self._batch_started = False
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class MDATarget(Target):
-    """
-    Pipe each message to a command (C{%u}: the POP3 user name, C{%%}: %).
-    An MDA cannot be rolled back: a crash while it runs means it runs again
-    for that message (at-least-once, with a warning), never that mail is lost.
-    """
-
-    def __init__(self, command: str, username: str, state_dir: str,
-                 warn: Callable[[str], None]) -> None:
-        self.command = re.sub(r"%([u%])", lambda m: shlex.quote(username) if m.group(1) == "u" else "%",
-                              command)
-        self.description = f"mda:{command}"
-        self.spool = state_dir
-        self.warn = warn
-        self._journal: Journal | None = None
-
-    def recover(self, journal: Journal) -> None:
-        self._journal = journal
-        for uid in sorted(journal.mda_unknown):
-            self.warn(f"MDA run for {uid} was interrupted; it will run again (possible duplicate)")
-
-    def open(self, uid: str, size: int) -> Any:
-        f = tempfile.TemporaryFile(dir=self.spool)
-        return f
-
-    def finished(self, writer: BinaryIO) -> int:
-        assert self._journal is not None
-        size = writer.tell()
-        writer.seek(0)
-        return size
-
-    def abort(self, writer: BinaryIO) -> None:
-        writer.close()
-
-    def deliver(self, uid: str, writer: BinaryIO) -> None:
-        assert self._journal is not None
-        self._journal.append([f"I {uid}"])
-        try:
-            rc = subprocess.call(self.command, shell=True, stdin=writer)  # noqa: S602
-        finally:
-            writer.close()
-        if rc != 0:
-            raise DeliveryError(f"MDA {self.command!r} exited with status {rc}")
-
-    def prepare(self, writers: list[Any]) -> None:
-        pass
-
-    def commit(self, journal: Journal, uids: list[str], writers: list[Any]) -> None:
-        journal.append([f"D {u}" for u in uids])
-        journal.delivered.update(uids)
-
-
-def make_target(spec: str, *, username: str, state_dir: str, crlf: bool = False,
-                warn: Callable[[str], None] = print, tag: str = "") -> Target:
-    """C{maildir:PATH}, C{mbox:PATH} or C{mda:COMMAND} -> a L{Target}."""
-    kind, sep, arg = spec.partition(":")
-    if not sep or not arg:
-        raise ValueError(f"delivery target must be maildir:PATH, mbox:PATH or mda:COMMAND, not {spec!r}")
-    if kind == "maildir":
-        return MaildirTarget(arg, crlf=crlf, tag=tag)
-    if kind == "mbox":
-        return MboxTarget(arg)
-    if kind == "mda":
-        return MDATarget(arg, username, state_dir, warn)
-    raise ValueError(f"unknown delivery target kind {kind!r}")
-
-
-# --------------------------------------------------------------------------
-# The fetch loop
-
-@dataclass
-class FetchOptions:
-    keep: bool = False
-    limit: int | None = None
-    max_size: int | None = None
-    #: outstanding RETRs when the server pipelines
-    window: int = 32
-    #: messages / bytes per durability batch
-    batch_messages: int = 256
-    batch_bytes: int = 16 * 1024 * 1024
-    #: run a batch's fsyncs in a thread while downloading continues (measured
-    #: slower on Linux/ext4: file creation then waits on the journal commit)
-    threaded_sync: bool = False
-
-
-@dataclass
-class FetchResult:
-    total_on_server: int = 0
-    fetched: int = 0
-    bytes: int = 0
-    deleted: int = 0
-    skipped_size: int = 0
-    already: int = 0
-    seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        rate = self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
-        parts = [f"{self.fetched} message{'s' if self.fetched != 1 else ''} fetched "
-                 f"({self.bytes} bytes, {self.seconds:.2f} s, {rate:.1f} MB/s)"]
-        parts.append(f"{self.deleted} deleted on server")
-        if self.already:
-            parts.append(f"{self.already} already fetched")
-        if self.skipped_size:
-            parts.append(f"{self.skipped_size} skipped (too large)")
-        parts.append(f"{self.total_on_server} on server")
-        return ", ".join(parts)
-
-
-class Progress:
-    """Messages and bytes with ETA on a terminal; nothing otherwise."""
-
-    def __init__(self, stream: Any = None, enabled: bool | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.total_msgs = 0
-        self.total_bytes = 0
-        self.msgs = 0
-        self.bytes = 0
-        self.start = time.monotonic()
-        self._last = 0.0
-
-    def begin(self, msgs: int, nbytes: int) -> None:
-        self.total_msgs, self.total_bytes = msgs, nbytes
-        self.start = time.monotonic()
-
-    def advance(self, nbytes: int, force: bool = False) -> None:
-        self.msgs += 1
-        self.bytes += nbytes
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self._last < 0.1 and self.msgs < self.total_msgs):
-            return
-        self._last = now
-        elapsed = now - self.start
-        frac = self.bytes / self.total_bytes if self.total_bytes else 1.0
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
-        width = 30
-        bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-        self.stream.write(f"\r[{bar}] {self.msgs}/{self.total_msgs} msgs "
-                          f"{self.bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB ETA {eta:4.0f}s ")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.enabled and self.total_msgs:
-            self.stream.write("\n")
-            self.stream.flush()
+NO_UIDL = ("popservice fetch needs it to deliver every message exactly once; "
+           "nothing was fetched or deleted")
 
 
 class Fetcher:
@@ -678,17 +90,16 @@ class Fetcher:
         self.client = client
         self.target = target
         self.journal = journal
-        self.options = options or FetchOptions()
-        self.progress = progress or Progress(enabled=False)
-        self.result = FetchResult()
+        self.session = DeliverySession(target, journal, options, progress)
+        self.options = self.session.options
+        self.progress = self.session.progress
+        self.result = self.session.result
         self._deletes: list[defer.Deferred[Any]] = []
-        self._number: dict[str, int] = {}
 
     @defer.inlineCallbacks
     def run(self) -> Any:
         started = time.monotonic()
-        client, journal, opts = self.client, self.journal, self.options
-        self.target.recover(journal)
+        client = self.client
         d_uidl = client.uidl()
         d_list = client.list()
         try:
@@ -698,36 +109,10 @@ class Fetcher:
             # Without UIDL no message can be told apart from another across runs:
             # neither "fetch only new ones" (--keep) nor "never twice after a
             # crash" (deleting) can be kept.  Refuse rather than guess.
-            raise NoUIDLError(
-                f"the server does not support UIDL ({err}): popservice fetch needs it to "
-                "deliver every message exactly once; nothing was fetched or deleted")
+            raise NoUIDLError(f"the server does not support UIDL ({err}): {NO_UIDL}")
         sizes = {e.number: e.size for e in (yield d_list)}
-        self.result.total_on_server = len(uidls)
-        on_server = {e.uid for e in uidls}
-        if journal.needs_compaction or journal.delivered - on_server:
-            journal.compact(keep=on_server)
-        todo: list[tuple[int, str, int]] = []
-        seen: set[str] = set()
-        for e in uidls:
-            self._number[e.uid] = e.number
-            if e.uid in journal.delivered:
-                self.result.already += 1
-                if not opts.keep:
-                    self._delete(e.uid)
-                continue
-            if e.uid in seen:
-                self.result.warnings.append(
-                    f"duplicate UIDL {e.uid} on the server: message {e.number} skipped")
-                continue
-            seen.add(e.uid)
-            size = sizes.get(e.number, 0)
-            if opts.max_size is not None and size > opts.max_size:
-                self.result.skipped_size += 1
-                continue
-            todo.append((e.number, e.uid, size))
-        if opts.limit is not None:
-            todo = todo[:opts.limit]
-        self.progress.begin(len(todo), sum(s for _, _, s in todo))
+        todo, delete = self.session.plan([(e.number, e.uid) for e in uidls], sizes)
+        self._delete(delete)
         try:
             if isinstance(self.target, MaildirTarget) and todo:
                 yield _MaildirDownload(self, todo).run()
@@ -741,25 +126,20 @@ class Fetcher:
         self.result.seconds = time.monotonic() - started
         return self.result
 
-    def _delete(self, uid: str) -> None:
-        d = self.client.delete(self._number[uid])
-
+    def _delete(self, numbers: list[int]) -> None:
         def counted(_: object) -> None:
             self.result.deleted += 1
 
-        self._deletes.append(d.addCallback(counted))
+        for number in numbers:
+            self._deletes.append(self.client.delete(number).addCallback(counted))
 
     @defer.inlineCallbacks
     def _download(self, todo: list[tuple[int, str, int]]) -> Any:
-        opts, target = self.options, self.target
+        opts, target, session = self.options, self.target, self.session
         window = opts.window if self.client.capa is not None and self.client.capa.pipelining else 1
         pending: deque[tuple[int, str, Any, defer.Deferred[Any]]] = deque()
         queue = deque(todo)
-        batch_uids: list[str] = []
-        batch_writers: list[Any] = []
-        batch_bytes = 0
         syncing: defer.Deferred[Any] | None = None
-        mda = isinstance(target, MDATarget)
 
         def issue() -> None:
             number, uid, size = queue.popleft()
@@ -768,9 +148,7 @@ class Fetcher:
             pending.append((number, uid, writer, d))
 
         def flush_batch() -> defer.Deferred[Any]:
-            nonlocal batch_uids, batch_writers, batch_bytes
-            uids, writers = batch_uids, batch_writers
-            batch_uids, batch_writers, batch_bytes = [], [], 0
+            uids, writers, nbytes = session.take_batch()
             if opts.threaded_sync and target.threadable:
                 from twisted.internet import threads
 
@@ -780,10 +158,7 @@ class Fetcher:
                 d = defer.succeed(None)
 
             def prepared(_: object) -> None:
-                target.commit(self.journal, uids, writers)
-                if not opts.keep:
-                    for uid in uids:
-                        self._delete(uid)
+                self._delete(session.commit(uids, writers, nbytes))
 
             return d.addCallback(prepared)
 
@@ -797,33 +172,20 @@ class Fetcher:
                 except BaseException:
                     target.abort(writer)
                     raise
-                stored = target.finished(writer)
-                if isinstance(target, MDATarget):
-                    target.deliver(uid, writer)
+                full = session.finished(uid, writer)
                 if queue:
                     issue()
-                batch_uids.append(uid)
-                batch_writers.append(writer)
-                batch_bytes += stored
-                self.result.fetched += 1
-                self.result.bytes += stored
-                self.progress.advance(stored)
-                if len(batch_uids) >= opts.batch_messages or batch_bytes >= opts.batch_bytes or mda:
+                if full:
                     if syncing is not None:
                         yield syncing
                     syncing = flush_batch()
             if syncing is not None:
                 yield syncing
                 syncing = None
-            if batch_uids:
+            if session.batch_uids:
                 yield flush_batch()
         except BaseException:
-            for _, _, writer, _ in pending:
-                with contextlib.suppress(Exception):
-                    target.abort(writer)
-            for writer in batch_writers:
-                with contextlib.suppress(Exception):
-                    target.abort(writer)
+            session.abort([writer for _, _, writer, _ in pending])
             if syncing is not None:
                 with contextlib.suppress(Exception):
                     yield syncing
@@ -847,12 +209,11 @@ class _MaildirDownload:
     def __init__(self, fetcher: Fetcher, todo: list[tuple[int, str, int]]) -> None:
         self.fetcher = fetcher
         self.client = fetcher.client
-        self.target: MaildirTarget = fetcher.target  # type: ignore[assignment]
+        self.session = fetcher.session
+        self.crlf = fetcher.target.crlf
         self.todo = deque(todo)
         self.outstanding = 0
         self.done: defer.Deferred[None] = defer.Deferred()
-        self.batch: list[_FileWriter] = []
-        self.batch_bytes = 0
 
     def run(self) -> "defer.Deferred[None]":
         caps = self.client.capa
@@ -865,7 +226,7 @@ class _MaildirDownload:
         number, uid, _size = self.todo.popleft()
         chunks: list[bytes] = []
         self.outstanding += 1
-        d = self.client.retrieve(number, chunks.append, crlf=self.target.crlf)
+        d = self.client.retrieve(number, chunks.append, crlf=self.crlf)
         d.addCallbacks(self._retrieved, self._failed, callbackArgs=(uid, chunks))
 
     def _retrieved(self, _: object, uid: str, chunks: list[bytes]) -> None:
@@ -873,39 +234,15 @@ class _MaildirDownload:
         if self.done.called:
             return
         try:
-            writer = self.target.store(uid, chunks)
-            self.batch.append(writer)
-            self.batch_bytes += writer.size
-            self.fetcher.progress.advance(writer.size)
-            opts = self.fetcher.options
-            if len(self.batch) >= opts.batch_messages or self.batch_bytes >= opts.batch_bytes:
-                self._flush()
+            if self.session.store(uid, chunks):
+                self.fetcher._delete(self.session.flush())
             if self.todo:
                 self._issue()
             elif not self.outstanding:
-                if self.batch:
-                    self._flush()
+                self.fetcher._delete(self.session.flush())
                 self.done.callback(None)
         except BaseException:
             self._abort(Failure())
-
-    def _flush(self) -> None:
-        writers, nbytes = self.batch, self.batch_bytes
-        self.batch, self.batch_bytes = [], 0
-        fetcher, target = self.fetcher, self.target
-        try:
-            target.prepare(writers)
-            uids = [w.uid for w in writers]
-            target.commit(fetcher.journal, uids, writers)
-        except BaseException:
-            self.batch = writers  # aborted by _failed
-            raise
-        result = fetcher.result
-        result.fetched += len(uids)
-        result.bytes += nbytes
-        if not fetcher.options.keep:
-            for uid in uids:
-                fetcher._delete(uid)
 
     def _failed(self, f: Failure) -> None:
         self.outstanding -= 1
@@ -915,10 +252,7 @@ class _MaildirDownload:
         if self.done.called:
             return
         self.todo.clear()
-        for w in self.batch:
-            with contextlib.suppress(Exception):
-                self.target.abort(w)
-        self.batch = []
+        self.session.abort()
         self.done.errback(f)
 
 

@@ -1,0 +1,579 @@
+"""
+The blocking fetch engine: C{popservice fetch} on the standard library only.
+
+A one-shot fetch spends much of its life starting up; this engine imports no
+Twisted, no pyOpenSSL/cryptography/service_identity (TLS is the C{ssl}
+module: C{ssl.create_default_context} verifies the chain and the name, DNS
+names and IP SANs, per RFC 6125) and does its own blocking socket I/O.  The
+wire format is L{popservice.wire} (status lines through L{wire.parse_response},
+bodies through L{wire.BodyDecoder}, commands from L{wire.format_command});
+logins through L{popservice.sasl.client}; and everything that touches local
+state (journal, targets, batches, what to fetch and when a DELE is allowed)
+is L{popservice.client.delivery}, shared with the Twisted engine, so the
+crash-safety rule is the same code: a message is DELE'd only after its copy
+and its journal record are durable.
+
+RETRs are pipelined when the server says PIPELINING (RFC 2449): a window of
+commands is kept in flight; each answer is read whole, converted to LF
+line ends once, and stored; DELEs of a committed batch join the same stream.
+A failure drops the connection without QUIT, so the server deletes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from hashlib import md5
+from typing import Any
+
+from popservice import wire
+from popservice.client.delivery import (
+    DeliverySession,
+    FetchOptions,
+    FetchResult,
+    Journal,
+    MaildirTarget,
+    Progress,
+    Target,
+)
+from popservice.client.url import POP3URL
+from popservice.sasl.client import (
+    ClientMechanism,
+    SASLCredentials,
+    SASLError,
+    choose_mechanism,
+    make_mechanism,
+)
+
+__all__ = [
+    "AuthError", "BlockingClient", "Credentials", "NoMechanismError", "NoUIDLError",
+    "POP3ClientError", "POP3Error", "POP3ProtocolError", "TLSError", "TLSRequiredError",
+    "connect", "fetch", "run_fetch",
+]
+
+#: A status line longer than this is a protocol error (RFC 2449 says 512).
+MAX_STATUS_LINE = 64 * 1024
+#: A multi-line answer collected in memory (LIST, UIDL, CAPA) is capped.
+MAX_COLLECTED = 256 * 1024 * 1024
+RECV_SIZE = 256 * 1024
+_APOP_TIMESTAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")
+_LISTING_FAST = re.compile(rb"(?:[0-9]+ [\x21-\x7e]+\r?\n)*")
+_LISTING_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]+)")
+
+
+# --------------------------------------------------------------------------
+# Errors and values (twins of those in popservice.client.protocol, which imports Twisted)
+
+class POP3ClientError(Exception):
+    """Base of everything this engine raises about the server."""
+
+
+class POP3Error(POP3ClientError):
+    """The server answered C{-ERR}; C{code} is the RFC 2449 response code or C{None}."""
+
+    def __init__(self, response: wire.Response, command: str = "") -> None:
+        self.response = response
+        self.code = response.code
+        self.text = response.text
+        self.command = command
+        super().__init__(
+            "{}: -ERR {}{}".format(command or "POP3", f"[{self.code}] " if self.code else "", self.text))
+
+    @property
+    def temporary(self) -> bool:
+        """RFC 2449/3206: worth retrying later without user action."""
+        return self.code in ("IN-USE", "LOGIN-DELAY", "SYS/TEMP")
+
+
+class AuthError(POP3Error):
+    """The login failed."""
+
+
+class POP3ProtocolError(POP3ClientError):
+    """The server sent something that is not POP3."""
+
+
+class TLSRequiredError(POP3ClientError):
+    """TLS was required but the server does not offer STLS."""
+
+
+class TLSError(POP3ClientError):
+    """The TLS handshake failed (e.g. the certificate did not verify)."""
+
+
+class NoMechanismError(POP3ClientError):
+    """No login method acceptable to both sides (or plaintext refused without TLS)."""
+
+
+class NoUIDLError(POP3ClientError):
+    """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
+
+
+def _error_for(response: wire.Response, command: str, login: bool) -> POP3Error:
+    if login and response.code in (None, "AUTH"):
+        return AuthError(response, command)
+    return POP3Error(response, command)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who to log in as (the fields of L{popservice.client.protocol.Credentials})."""
+
+    username: str
+    password: str | None = None
+    token: str | None = None
+    authzid: str = ""
+    mechanisms: tuple[str, ...] | None = None
+    allow_plaintext: bool = False
+
+
+def parse_capabilities(body: bytes) -> dict[str, tuple[str, ...]]:
+    """A CAPA body -> tag (upper case) -> arguments."""
+    tags: dict[str, tuple[str, ...]] = {}
+    for raw in body.split(b"\n"):
+        line = raw.decode("utf-8", "replace").strip()
+        if not line:
+            continue
+        if line.upper().startswith("IMPLEMENTATION"):
+            tags["IMPLEMENTATION"] = (line[len("IMPLEMENTATION"):].strip(),)
+            continue
+        words = line.split()
+        tags[words[0].upper()] = tuple(words[1:])
+    return tags
+
+
+def parse_listing(body: bytes) -> list[tuple[int, str]]:
+    """A LIST/UIDL body -> C{(number, token)} pairs."""
+    if _LISTING_FAST.fullmatch(body):
+        return [(int(n), u.decode("ascii", "replace")) for n, u in _LISTING_LINE.findall(body)]
+    out = []
+    for raw in body.split(b"\n"):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise POP3ProtocolError(f"bad listing line: {line[:80]!r}")
+        out.append((int(parts[0]), parts[1].split()[0].decode("ascii", "replace")))
+    return out
+
+
+# --------------------------------------------------------------------------
+# The connection
+
+class BlockingClient:
+    """A POP3 session over a blocking socket (plain or C{ssl.SSLSocket})."""
+
+    def __init__(self, sock: socket.socket, host: str) -> None:
+        self.sock = sock
+        self.host = host
+        self._buf = b""
+        self._pos = 0
+        self.greeting: wire.Response | None = None
+        self.apop_timestamp: bytes | None = None
+        self.capa: dict[str, tuple[str, ...]] | None = None
+        self.tls = False
+        self.logged_in = False
+        self.mechanism_used: str | None = None
+
+    @property
+    def pipelining(self) -> bool:
+        return self.capa is not None and "PIPELINING" in self.capa
+
+    # -- bytes ---------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(RECV_SIZE)
+        if not data:
+            raise ConnectionError("connection closed by the server")
+        return data
+
+    def read_line(self) -> bytes:
+        """The next line, without its line end."""
+        while True:
+            nl = self._buf.find(b"\n", self._pos)
+            if nl >= 0:
+                line = self._buf[self._pos:nl]
+                self._pos = nl + 1
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._buf) - self._pos > MAX_STATUS_LINE:
+                raise POP3ProtocolError(f"status line longer than {MAX_STATUS_LINE} octets")
+            self._buf = self._buf[self._pos:] + self._recv()
+            self._pos = 0
+
+    def read_response(self, command: str, login: bool = False) -> wire.Response:
+        line = self.read_line()
+        response = wire.parse_response(line)
+        if response is None:
+            raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
+        if not response.ok:
+            raise _error_for(response, command, login)
+        return response
+
+    def read_body(self, sink: Callable[[bytes], object]) -> None:
+        """The body of a multi-line answer (after its +OK line), unstuffed, to C{sink}."""
+        decoder = wire.BodyDecoder()
+        data = self._buf[self._pos:] if self._pos else self._buf
+        self._buf, self._pos = b"", 0
+        while True:
+            if data:
+                out = decoder.feed(data)
+                if out:
+                    sink(out)
+                if decoder.done:
+                    self._buf = decoder.trailing
+                    return
+            data = self._recv()
+
+    def collect(self, command: str) -> bytes:
+        """Read a whole multi-line answer to C{command} (status line included) into memory."""
+        self.read_response(command)
+        chunks: list[bytes] = []
+        size = 0
+
+        def sink(b: bytes) -> None:
+            nonlocal size
+            size += len(b)
+            if size > MAX_COLLECTED:
+                raise POP3ProtocolError(f"{command} answer too large to collect")
+            chunks.append(b)
+
+        self.read_body(sink)
+        return b"".join(chunks)
+
+    def command(self, keyword: str, *args: str | int, login: bool = False) -> wire.Response:
+        self.send(wire.format_command(keyword, *args))
+        return self.read_response(keyword, login)
+
+    # -- AUTHORIZATION -----------------------------------------------------------
+
+    def read_greeting(self) -> wire.Response:
+        line = self.read_line()
+        response = wire.parse_response(line)
+        if response is None:
+            raise POP3ProtocolError(f"not a POP3 greeting: {line[:80]!r}")
+        if not response.ok:
+            raise POP3Error(response, "greeting")
+        self.greeting = response
+        m = _APOP_TIMESTAMP.search(line)
+        self.apop_timestamp = m.group(0) if m else None
+        return response
+
+    def capabilities(self) -> dict[str, tuple[str, ...]]:
+        """CAPA (RFC 2449); an empty dict when CAPA fails."""
+        self.send(wire.format_command("CAPA"))
+        try:
+            body = self.collect("CAPA")
+        except POP3Error:
+            self.capa = {}
+        else:
+            self.capa = parse_capabilities(body)
+        return self.capa
+
+    def starttls(self, context: Any) -> None:
+        """STLS (RFC 2595): bytes that came with the +OK are discarded; CAPA is re-read."""
+        self.command("STLS")
+        self._buf, self._pos = b"", 0
+        self.sock = _handshake(context, self.sock, self.host)
+        self.tls = True
+        self.capabilities()
+
+    def _authenticate(self, mech: ClientMechanism) -> None:
+        initial = mech.initial()
+        args: list[str] = [mech.name]
+        if initial is not None:
+            args.append(base64.b64encode(initial).decode("ascii") if initial else "=")
+        line = wire.format_command("AUTH", *args)
+        pending_initial = None
+        if len(line) > wire.MAX_COMMAND_LINE and initial is not None:
+            line = wire.format_command("AUTH", mech.name)
+            pending_initial = initial
+        self.send(line)
+        while True:
+            raw = self.read_line()
+            if raw == b"+" or raw.startswith(b"+ "):
+                try:
+                    challenge = base64.b64decode(raw[2:].strip(), validate=True)
+                except (binascii.Error, ValueError):
+                    self.send(b"*\r\n")
+                    continue
+                if pending_initial is not None:
+                    answer, pending_initial = pending_initial, None
+                else:
+                    try:
+                        answer = mech.respond(challenge)
+                    except SASLError:
+                        self.send(b"*\r\n")
+                        raise
+                self.send(base64.b64encode(answer) + wire.CRLF)
+                continue
+            response = wire.parse_response(raw)
+            if response is None:
+                raise POP3ProtocolError(f"not a POP3 status line: {raw[:80]!r}")
+            if not response.ok:
+                raise _error_for(response, "AUTH", True)
+            return
+
+    def login(self, credentials: Credentials) -> str:
+        """
+        The strongest method both sides allow, by the rules of
+        L{popservice.client.protocol.POP3Client.login}; CAPA is re-read after.
+        """
+        caps = self.capa if self.capa is not None else self.capabilities()
+        sasl = tuple(m.upper() for m in caps.get("SASL", ()))
+        allow_plain = self.tls or credentials.allow_plaintext
+        allowed = None if credentials.mechanisms is None else tuple(
+            m.upper() for m in credentials.mechanisms)
+        sasl_creds = SASLCredentials(
+            credentials.username, credentials.password, credentials.token, credentials.authzid)
+        if allowed is not None and len(allowed) == 1 and allowed[0] not in ("APOP", "USER") \
+                and allowed[0] not in sasl:
+            mech: ClientMechanism | None = make_mechanism(allowed[0], sasl_creds)
+        else:
+            mech = choose_mechanism(sasl, sasl_creds, allowed, allow_plain)
+        if mech is not None and mech.plaintext and not allow_plain:
+            raise NoMechanismError(f"{mech.name} would send the password in clear without TLS")
+        use_apop = (credentials.password is not None and self.apop_timestamp is not None
+                    and (allowed is None or "APOP" in allowed)
+                    and (mech is None or (mech.plaintext and not self.tls)))
+        if use_apop:
+            assert credentials.password is not None and self.apop_timestamp is not None
+            digest = md5(self.apop_timestamp + credentials.password.encode("utf-8")).hexdigest()  # noqa: S324
+            self.command("APOP", credentials.username, digest, login=True)
+            how = "APOP"
+        elif mech is not None:
+            self._authenticate(mech)
+            how = mech.name
+        elif (credentials.password is not None and (allowed is None or "USER" in allowed)
+              and ("USER" in caps or not caps) and allow_plain):
+            self.command("USER", credentials.username, login=True)
+            self.command("PASS", credentials.password, login=True)
+            how = "USER"
+        elif credentials.password is not None and not allow_plain and "STLS" in caps and not self.tls:
+            raise NoMechanismError("only plaintext login offered: use STLS or allow plaintext")
+        else:
+            raise NoMechanismError(
+                "no acceptable login method (server offers SASL {}{}{})".format(
+                    " ".join(sasl) or "none", ", USER" if "USER" in caps else "",
+                    ", APOP" if self.apop_timestamp else ""))
+        self.logged_in = True
+        self.mechanism_used = how
+        self.capabilities()
+        return how
+
+    def quit(self) -> None:
+        try:
+            self.command("QUIT")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def tls_context(ca_file: str | None = None, insecure: bool = False) -> Any:
+    """Verified against the platform's trust store, or only C{ca_file}; C{insecure}: no checks."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _handshake(context: Any, sock: socket.socket, host: str) -> socket.socket:
+    import ssl
+
+    try:
+        wrapped: socket.socket = context.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLCertVerificationError as e:
+        sock.close()
+        raise TLSError(f"certificate verification failed for {host}: {e.verify_message}") from e
+    except ssl.SSLError as e:
+        sock.close()
+        raise TLSError(f"TLS handshake with {host} failed: {e}") from e
+    return wrapped
+
+
+def connect(url: POP3URL, credentials: Credentials | None = None, *, starttls: str = "required",
+            ca_file: str | None = None, insecure: bool = False,
+            timeout: float = 60.0) -> BlockingClient:
+    """Connect, secure (implicit TLS or STLS per C{starttls}), read CAPA and log in."""
+    if starttls not in ("required", "optional", "none"):
+        raise ValueError(f"starttls must be required, optional or none, not {starttls!r}")
+    host = url.host
+    sock = socket.create_connection((host, url.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    context = None
+    try:
+        if url.implicit_tls or starttls != "none":
+            context = tls_context(ca_file, insecure)
+        if url.implicit_tls:
+            sock = _handshake(context, sock, host)
+        client = BlockingClient(sock, host)
+        client.tls = url.implicit_tls
+        client.read_greeting()
+        caps = client.capabilities()
+        if not url.implicit_tls and starttls != "none":
+            if "STLS" in caps:
+                client.starttls(context)
+            elif starttls == "required":
+                raise TLSRequiredError(
+                    f"{host} does not offer STLS (use pop3s://, or allow plaintext explicitly)")
+        if credentials is not None:
+            if not credentials.username and url.user:
+                credentials = Credentials(url.user, credentials.password, credentials.token,
+                                          credentials.authzid, credentials.mechanisms,
+                                          credentials.allow_plaintext)
+            if credentials.mechanisms is None and url.mechanisms is not None:
+                credentials = Credentials(credentials.username, credentials.password,
+                                          credentials.token, credentials.authzid, url.mechanisms,
+                                          credentials.allow_plaintext)
+            client.login(credentials)
+    except BaseException:
+        sock.close()
+        raise
+    return client
+
+
+# --------------------------------------------------------------------------
+# The fetch
+
+_RETR, _DELE = 0, 1
+
+
+def _download(client: BlockingClient, session: DeliverySession,
+              todo: Sequence[tuple[int, str, int]], delete: list[int]) -> None:
+    """Pipelined RETRs (and DELEs once allowed); returns when all are answered."""
+    target: Target = session.target
+    maildir = isinstance(target, MaildirTarget)
+    to_lf = not target.crlf
+    window = max(1, session.options.window) if client.pipelining else 1
+    queue = deque(todo)
+    deletes: deque[int] = deque(delete)
+    inflight: deque[tuple[int, Any]] = deque()
+    retrs = 0  # RETRs in flight
+    result = session.result
+    read_line, read_body, parse = client.read_line, client.read_body, wire.parse_response
+
+    def pump() -> None:
+        nonlocal retrs
+        lines = []
+        while len(inflight) < window and (deletes or queue):
+            if deletes:
+                n = deletes.popleft()
+                inflight.append((_DELE, n))
+                lines.append(b"DELE %d\r\n" % n)
+            else:
+                number, uid, _size = queue.popleft()
+                inflight.append((_RETR, uid))
+                retrs += 1
+                lines.append(b"RETR %d\r\n" % number)
+        if lines:
+            client.send(b"".join(lines))
+
+    pump()
+    while inflight:
+        kind, arg = inflight.popleft()
+        line = read_line()
+        response = parse(line)
+        if response is None:
+            raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
+        if not response.ok:
+            raise _error_for(response, "RETR" if kind == _RETR else "DELE", False)
+        if kind == _DELE:
+            result.deleted += 1
+            pump()
+            continue
+        retrs -= 1
+        chunks: list[bytes] = []
+        read_body(chunks.append)
+        if to_lf:
+            data = b"".join(chunks).replace(b"\r\n", b"\n")
+            chunks = [data] if data else []
+        if maildir:
+            full = session.store(arg, chunks)
+        else:
+            writer = target.open(arg, 0)
+            try:
+                for c in chunks:
+                    writer.write(c)
+            except BaseException:
+                session.abort([writer])
+                raise
+            full = session.finished(arg, writer)
+        if full or (not queue and not retrs):
+            deletes.extend(session.flush())
+        pump()
+
+
+def fetch(client: BlockingClient, target: Target, state_dir: str,
+          options: FetchOptions | None = None, progress: Progress | None = None,
+          quit: bool = True) -> FetchResult:
+    """One fetch over a logged-in C{client}: the blocking twin of L{popservice.client.fetch.fetch}."""
+    started = time.monotonic()
+    journal = Journal(state_dir)
+    try:
+        session = DeliverySession(target, journal, options, progress)
+        if client.pipelining:
+            client.send(b"UIDL\r\nLIST\r\n")
+        else:
+            client.send(b"UIDL\r\n")
+        try:
+            uidl_body = client.collect("UIDL")
+        except POP3Error as err:
+            raise NoUIDLError(
+                f"the server does not support UIDL ({err}): popservice fetch needs it to "
+                "deliver every message exactly once; nothing was fetched or deleted") from err
+        if not client.pipelining:
+            client.send(b"LIST\r\n")
+        sizes = dict(parse_listing(client.collect("LIST")))
+        uidls = parse_listing(uidl_body)
+        try:
+            size_of = {n: int(s) for n, s in sizes.items()}
+        except ValueError:
+            raise POP3ProtocolError("bad LIST size") from None
+        todo, delete = session.plan(uidls, size_of)
+        try:
+            _download(client, session, todo, delete)
+        except BaseException:
+            session.abort()
+            raise
+        finally:
+            session.progress.done()
+        target.close()
+        result = session.result
+        if quit:
+            try:
+                client.quit()
+            except POP3Error as e:
+                result.warnings.append(f"QUIT failed ({e}): deletions may be incomplete; "
+                                       "the next run deletes what is left")
+        result.seconds = time.monotonic() - started
+        return result
+    finally:
+        journal.close()
+
+
+def run_fetch(url: POP3URL, credentials: Credentials, target: Target, state_dir: str,
+              options: FetchOptions | None = None, progress: Progress | None = None,
+              **connect_options: Any) -> FetchResult:
+    """Connect, log in, fetch, QUIT; the connection is dropped (no QUIT) on any failure."""
+    client = connect(url, credentials, **connect_options)
+    try:
+        return fetch(client, target, state_dir, options, progress)
+    finally:
+        client.close()
