@@ -79,24 +79,29 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Subcommands of the client; a fetch must not pay for importing the server side.
+CLIENT_COMMANDS = ("fetch", "probe", "migrate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="popservice", description="POP3 server and client tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run a demo server with a demo user and self-signed certificate")
-    p.add_argument("--dir", default="popservice-demo", help="data directory (created on first run)")
-    p.add_argument("--port", type=int, default=1110, help="plaintext/STLS port (default 1110)")
-    p.add_argument("--tls-port", type=int, default=1995, help="implicit TLS port (default 1995)")
-    p.set_defaults(func=demo)
-    try:
-        from popservice.client import cli as client_cli
-    except ImportError:  # pragma: no cover - the client is optional at import time
-        client_cli = None  # type: ignore[assignment]
-    if client_cli is not None and hasattr(client_cli, "add_subcommands"):
-        client_cli.add_subcommands(sub)
-    from popservice import admin, expire
+    from popservice.client import cli as client_cli
 
-    admin.add_subcommands(sub)
-    expire.add_subcommands(sub)
+    client_only = bool(argv) and argv[0] in CLIENT_COMMANDS
+    if not client_only:
+        p = sub.add_parser("demo", help="run a demo server with a demo user and self-signed certificate")
+        p.add_argument("--dir", default="popservice-demo", help="data directory (created on first run)")
+        p.add_argument("--port", type=int, default=1110, help="plaintext/STLS port (default 1110)")
+        p.add_argument("--tls-port", type=int, default=1995, help="implicit TLS port (default 1995)")
+        p.set_defaults(func=demo)
+    client_cli.add_subcommands(sub)
+    if not client_only:
+        from popservice import admin, expire
+
+        admin.add_subcommands(sub)
+        expire.add_subcommands(sub)
     args = parser.parse_args(argv)
     run_command = getattr(args, "func", None) or args.handler
     return int(run_command(args) or 0)

@@ -28,11 +28,22 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from hashlib import md5
 from typing import Any
 
 from popservice import wire
+from popservice.client.common import (
+    AuthError,
+    Credentials,
+    NoMechanismError,
+    NoUIDLError,
+    POP3ClientError,
+    POP3Error,
+    POP3ProtocolError,
+    TLSError,
+    TLSRequiredError,
+    error_for,
+)
 from popservice.client.delivery import (
     DeliverySession,
     FetchOptions,
@@ -67,70 +78,6 @@ _LISTING_FAST = re.compile(rb"(?:[0-9]+ [\x21-\x7e]+\r?\n)*")
 _LISTING_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]+)")
 
 
-# --------------------------------------------------------------------------
-# Errors and values (twins of those in popservice.client.protocol, which imports Twisted)
-
-class POP3ClientError(Exception):
-    """Base of everything this engine raises about the server."""
-
-
-class POP3Error(POP3ClientError):
-    """The server answered C{-ERR}; C{code} is the RFC 2449 response code or C{None}."""
-
-    def __init__(self, response: wire.Response, command: str = "") -> None:
-        self.response = response
-        self.code = response.code
-        self.text = response.text
-        self.command = command
-        super().__init__(
-            "{}: -ERR {}{}".format(command or "POP3", f"[{self.code}] " if self.code else "", self.text))
-
-    @property
-    def temporary(self) -> bool:
-        """RFC 2449/3206: worth retrying later without user action."""
-        return self.code in ("IN-USE", "LOGIN-DELAY", "SYS/TEMP")
-
-
-class AuthError(POP3Error):
-    """The login failed."""
-
-
-class POP3ProtocolError(POP3ClientError):
-    """The server sent something that is not POP3."""
-
-
-class TLSRequiredError(POP3ClientError):
-    """TLS was required but the server does not offer STLS."""
-
-
-class TLSError(POP3ClientError):
-    """The TLS handshake failed (e.g. the certificate did not verify)."""
-
-
-class NoMechanismError(POP3ClientError):
-    """No login method acceptable to both sides (or plaintext refused without TLS)."""
-
-
-class NoUIDLError(POP3ClientError):
-    """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
-
-
-def _error_for(response: wire.Response, command: str, login: bool) -> POP3Error:
-    if login and response.code in (None, "AUTH"):
-        return AuthError(response, command)
-    return POP3Error(response, command)
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Who to log in as (the fields of L{popservice.client.protocol.Credentials})."""
-
-    username: str
-    password: str | None = None
-    token: str | None = None
-    authzid: str = ""
-    mechanisms: tuple[str, ...] | None = None
-    allow_plaintext: bool = False
 
 
 def parse_capabilities(body: bytes) -> dict[str, tuple[str, ...]]:
@@ -216,7 +163,7 @@ class BlockingClient:
         if response is None:
             raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
         if not response.ok:
-            raise _error_for(response, command, login)
+            raise error_for(response, command, login)
         return response
 
     def read_body(self, sink: Callable[[bytes], object]) -> None:
@@ -320,7 +267,7 @@ class BlockingClient:
             if response is None:
                 raise POP3ProtocolError(f"not a POP3 status line: {raw[:80]!r}")
             if not response.ok:
-                raise _error_for(response, "AUTH", True)
+                raise error_for(response, "AUTH", True)
             return
 
     def login(self, credentials: Credentials) -> str:
@@ -493,7 +440,7 @@ def _download(client: BlockingClient, session: DeliverySession,
         if response is None:
             raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
         if not response.ok:
-            raise _error_for(response, "RETR" if kind == _RETR else "DELE", False)
+            raise error_for(response, "RETR" if kind == _RETR else "DELE", False)
         if kind == _DELE:
             result.deleted += 1
             pump()

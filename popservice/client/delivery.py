@@ -386,8 +386,11 @@ class MaildirTarget(Target):
         writer.final = f"{writer.name},S={writer.size}"
         return writer.size
 
-    def store(self, uid: str, chunks: list[bytes]) -> _FileWriter:
-        """Write a complete message into a new tmp/ file (not yet durable)."""
+    def store(self, uid: str, chunks: list[bytes], writeback: bool = True) -> _FileWriter:
+        """
+        Write a complete message into a new tmp/ file (not yet durable);
+        C{writeback}: start writing it to disk at once (L{start_writeback}).
+        """
         writer = self.open(uid, 0)
         try:
             size = sum(map(len, chunks))
@@ -395,7 +398,8 @@ class MaildirTarget(Target):
             if written < size:  # a short write: finish the rest by hand
                 _write_all(writer.fd, b"".join(chunks)[written:])
             writer.size = size
-            start_writeback(writer.fd)
+            if writeback:
+                start_writeback(writer.fd)
         except BaseException:
             self.abort(writer)
             raise
@@ -602,6 +606,10 @@ class FetchOptions:
     #: run a batch's fsyncs in a thread while downloading continues (measured
     #: slower on Linux/ext4: file creation then waits on the journal commit)
     threaded_sync: bool = False
+    #: Maildir: start each file's writeback as soon as it is written (measured
+    #: faster for the Twisted engine; slower for the blocking one on ext4, where
+    #: creating the next file then waits behind that writeback)
+    early_writeback: bool = True
 
 
 @dataclass
@@ -746,7 +754,7 @@ class DeliverySession:
         """A complete message for a L{MaildirTarget}; True when the batch is full."""
         target = self.target
         assert isinstance(target, MaildirTarget)
-        writer = target.store(uid, chunks)
+        writer = target.store(uid, chunks, self.options.early_writeback)
         return self._add(uid, writer, writer.size)
 
     def finished(self, uid: str, writer: Any) -> bool:

@@ -48,6 +48,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from popservice.client.common import NoUIDLError
 from popservice.client.delivery import (
     DeliveryError,
     DeliverySession,
@@ -66,17 +67,13 @@ from popservice.client.delivery import (
     start_writeback,
     syncfs,
 )
-from popservice.client.protocol import POP3Client, POP3ClientError, POP3Error, UidlEntry
+from popservice.client.protocol import POP3Client, POP3Error, UidlEntry
 
 __all__ = [
     "DeliveryError", "FetchOptions", "FetchResult", "Fetcher", "Journal", "MaildirTarget",
     "MboxTarget", "MDATarget", "MessageWriter", "NoUIDLError", "Progress", "StateLocked",
     "Target", "fetch", "fsync_dir", "make_target", "start_writeback", "syncfs",
 ]
-
-class NoUIDLError(POP3ClientError):
-    """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
-
 
 NO_UIDL = ("popservice fetch needs it to deliver every message exactly once; "
            "nothing was fetched or deleted")

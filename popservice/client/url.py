@@ -1,7 +1,7 @@
 """
-POP3 URLs (RFC 2384, C{pop3s} for implicit TLS per RFC 8314) without
-Twisted: the same rules as L{popservice.client.connect.parse_url}, for the
-blocking fetch engine, which must start without importing Twisted.
+POP3 URLs (RFC 2384, C{pop3s} for implicit TLS per RFC 8314), without
+Twisted: shared by both client engines (the blocking fetch engine must start
+without importing Twisted).
 """
 
 from __future__ import annotations

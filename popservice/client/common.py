@@ -1,0 +1,114 @@
+"""
+What both client engines share and neither needs Twisted for: the errors
+(carrying RFC 2449 response codes) and the credentials to log in with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from popservice import wire
+
+__all__ = [
+    "AuthError", "Credentials", "InUseError", "LoginDelayError", "NoMechanismError", "NoUIDLError",
+    "POP3ClientError", "POP3Error", "POP3ProtocolError", "SysPermError", "SysTempError", "TLSError",
+    "TLSRequiredError", "error_for",
+]
+
+
+class POP3ClientError(Exception):
+    """Base of everything this client raises."""
+
+
+class POP3Error(POP3ClientError):
+    """
+    The server answered C{-ERR}.  C{code} is the RFC 2449 response code
+    (C{"IN-USE"}, C{"AUTH"}, C{"SYS/TEMP"}...) or C{None}.
+    """
+
+    def __init__(self, response: wire.Response, command: str = "") -> None:
+        self.response = response
+        self.code = response.code
+        self.text = response.text
+        self.command = command
+        super().__init__(
+            "{}: -ERR {}{}".format(command or "POP3", f"[{self.code}] " if self.code else "", self.text))
+
+    @property
+    def temporary(self) -> bool:
+        """RFC 2449/3206: worth retrying later without user action."""
+        return self.code in ("IN-USE", "LOGIN-DELAY", "SYS/TEMP")
+
+
+class InUseError(POP3Error):
+    """C{[IN-USE]}: the mailbox is locked by another session."""
+
+
+class LoginDelayError(POP3Error):
+    """C{[LOGIN-DELAY]}: logged in too recently."""
+
+
+class AuthError(POP3Error):
+    """C{[AUTH]}, or a failed login without a code: the credentials are wrong."""
+
+
+class SysTempError(POP3Error):
+    """C{[SYS/TEMP]}: a temporary server-side problem."""
+
+
+class SysPermError(POP3Error):
+    """C{[SYS/PERM]}: a permanent server-side problem."""
+
+
+_CODE_CLASSES: dict[str, type[POP3Error]] = {
+    "IN-USE": InUseError,
+    "LOGIN-DELAY": LoginDelayError,
+    "AUTH": AuthError,
+    "SYS/TEMP": SysTempError,
+    "SYS/PERM": SysPermError,
+}
+
+
+def error_for(response: wire.Response, command: str = "", login: bool = False) -> POP3Error:
+    """The L{POP3Error} subclass for a C{-ERR} response."""
+    cls = _CODE_CLASSES.get(response.code or "")
+    if cls is None:
+        cls = AuthError if login else POP3Error
+    return cls(response, command)
+
+
+class POP3ProtocolError(POP3ClientError):
+    """The server sent something that is not POP3; the connection is dropped."""
+
+
+class TLSRequiredError(POP3ClientError):
+    """TLS was required but the server does not offer STLS."""
+
+
+class NoMechanismError(POP3ClientError):
+    """No login method acceptable to both sides (or plaintext refused without TLS)."""
+
+
+class TLSError(POP3ClientError):
+    """The TLS handshake failed (e.g. the certificate did not verify)."""
+
+
+class NoUIDLError(POP3ClientError):
+    """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """
+    Who to log in as.  C{token} (OAuth 2.0) selects OAUTHBEARER/XOAUTH2;
+    C{mechanisms} restricts the choice (names of SASL mechanisms, C{"APOP"},
+    C{"USER"}); C{allow_plaintext} permits sending a password in clear
+    over a connection without TLS.
+    """
+
+    username: str
+    password: str | None = None
+    token: str | None = None
+    authzid: str = ""
+    mechanisms: tuple[str, ...] | None = None
+    allow_plaintext: bool = False
