@@ -4,9 +4,8 @@ The seams of popservice, as zope interfaces, and nothing else.
 Every call that may touch a disk or a database returns a Deferred, so a
 store backed by PostgreSQL (or anything slow) never blocks the reactor.
 
-The SASL seam (ISASLServerMechanism) lives with its value types in
-L{popservice.sasl.base}; the bearer-token seam (ITokenValidator) in
-L{popservice.auth.tokens}.
+The value types of the SASL seam (Challenge, Authenticated, Failed,
+SASLContext) live in L{popservice.sasl.base}.
 """
 
 from __future__ import annotations
@@ -14,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
+
+    from popservice.sasl.base import SASLStep
 
 
 @dataclass(frozen=True)
@@ -138,4 +139,29 @@ class IExpiringMailbox(IMailbox):
         Remove the messages first retrieved at least C{days} days before
         C{now}, from the store and from this session's listing (call it before
         L{listing}); fires with how many went.
+        """
+
+
+class ISASLServerMechanism(Interface):
+    """One running server-side SASL exchange (a new object per AUTH command, RFC 5034)."""
+
+    name = Attribute("The IANA mechanism name, upper case, e.g. 'PLAIN'.")
+    plaintext = Attribute("True if the secret crosses the wire recoverably (needs TLS or trust).")
+
+    def step(response: "bytes | None") -> "SASLStep | Deferred[SASLStep]":
+        """
+        Process the client's response (C{None} for no initial response, C{b""}
+        for an empty one) and say what comes next.
+        """
+
+
+class ITokenValidator(Interface):
+    """Validates OAuth 2.0 bearer tokens presented through SASL (OAUTHBEARER, XOAUTH2)."""
+
+    def validate(token: str, user_hint: "str | None") -> "Deferred[str]":
+        """
+        Fire with the user name C{token} grants access to, or fail with
+        L{popservice.auth.tokens.InvalidToken}.  C{user_hint} is the user the
+        client asked for (the OAUTHBEARER authzid, the XOAUTH2 C{user=}), or
+        C{None}; when given the validator must refuse a token for another user.
         """

@@ -36,7 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from zope.interface import Interface, implementer  # type: ignore[import-untyped,unused-ignore]
+from zope.interface import implementer  # type: ignore[import-untyped,unused-ignore]
+
+from popservice.interfaces import ITokenValidator
 
 __all__ = [
     "ITokenValidator",
@@ -57,18 +59,6 @@ MAX_TOKEN_LENGTH = 16384
 class InvalidToken(UnauthorizedLogin):
     """The token is malformed, forged, expired or not for this server/user.  The
     message names the check that failed, never the token."""
-
-
-class ITokenValidator(Interface):  # type: ignore[misc,unused-ignore]
-    """Validates OAuth 2.0 bearer tokens presented through SASL."""
-
-    def validate(token: str, user_hint: str | None) -> "defer.Deferred[str]":  # type: ignore[empty-body,unused-ignore]
-        """
-        Fire with the user name C{token} grants access to, or fail with
-        L{InvalidToken}.  C{user_hint} is the user the client asked for (the
-        OAUTHBEARER authzid, the XOAUTH2 C{user=}), or C{None}; when given the
-        validator must refuse a token for another user.
-        """
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Union
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import Attribute, implementer
+
+from popservice.interfaces import ISASLServerMechanism
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -61,19 +63,6 @@ class SASLContext:
     checkers: tuple[Any, ...] = ()
     #: extra services by name (token validators, master-user rules ...)
     services: dict[str, Any] = field(default_factory=dict)
-
-
-class ISASLServerMechanism(Interface):
-    """One running server-side SASL exchange (a new object per AUTH command)."""
-
-    name = Attribute("The IANA mechanism name, upper case, e.g. 'PLAIN'.")
-    plaintext = Attribute("True if the secret crosses the wire recoverably (needs TLS or trust).")
-
-    def step(response: bytes | None) -> "SASLStep | Deferred[SASLStep]":
-        """
-        Process the client's response (C{None} for no initial response, C{b""}
-        for an empty one) and say what comes next.
-        """
 
 
 #: A mechanism factory: context -> a new mechanism object.
