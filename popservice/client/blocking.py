@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import socket
 import time
 from collections import deque
@@ -42,7 +41,9 @@ from popservice.client.common import (
     POP3ProtocolError,
     TLSError,
     TLSRequiredError,
+    apop_timestamp,
     error_for,
+    parse_listing,
 )
 from popservice.client.delivery import (
     DeliverySession,
@@ -73,9 +74,6 @@ MAX_STATUS_LINE = 64 * 1024
 #: A multi-line answer collected in memory (LIST, UIDL, CAPA) is capped.
 MAX_COLLECTED = 256 * 1024 * 1024
 RECV_SIZE = 256 * 1024
-_APOP_TIMESTAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")
-_LISTING_FAST = re.compile(rb"(?:[0-9]+ [\x21-\x7e]+\r?\n)*")
-_LISTING_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]+)")
 
 
 
@@ -93,22 +91,6 @@ def parse_capabilities(body: bytes) -> dict[str, tuple[str, ...]]:
         words = line.split()
         tags[words[0].upper()] = tuple(words[1:])
     return tags
-
-
-def parse_listing(body: bytes) -> list[tuple[int, str]]:
-    """A LIST/UIDL body -> C{(number, token)} pairs."""
-    if _LISTING_FAST.fullmatch(body):
-        return [(int(n), u.decode("ascii", "replace")) for n, u in _LISTING_LINE.findall(body)]
-    out = []
-    for raw in body.split(b"\n"):
-        line = raw.strip()
-        if not line:
-            continue
-        parts = line.split(None, 1)
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise POP3ProtocolError(f"bad listing line: {line[:80]!r}")
-        out.append((int(parts[0]), parts[1].split()[0].decode("ascii", "replace")))
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -211,8 +193,7 @@ class BlockingClient:
         if not response.ok:
             raise POP3Error(response, "greeting")
         self.greeting = response
-        m = _APOP_TIMESTAMP.search(line)
-        self.apop_timestamp = m.group(0) if m else None
+        self.apop_timestamp = apop_timestamp(line)
         return response
 
     def capabilities(self) -> dict[str, tuple[str, ...]]:

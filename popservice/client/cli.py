@@ -13,6 +13,7 @@ returning an exit status).  C{python -m popservice.client.cli} runs them alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import hashlib
 import netrc
@@ -41,7 +42,6 @@ from popservice.client.url import POP3URL, parse_url
 if TYPE_CHECKING:
     from twisted.internet import defer
 
-    from popservice.client import protocol
     from popservice.client.protocol import Capabilities, POP3Client
 
 __all__ = ["add_subcommands", "main", "EX_OK", "EX_TEMPFAIL"]
@@ -225,11 +225,12 @@ def _describe_failure(f: Any) -> tuple[str, int]:
     return _describe_error(f.value)
 
 
-def _twisted_credentials(creds: Credentials) -> protocol.Credentials:
-    from popservice.client.protocol import Credentials as TwistedCredentials
-
-    return TwistedCredentials(creds.username, creds.password, creds.token, creds.authzid,
-                              creds.mechanisms, creds.allow_plaintext)
+def _close_target(target: Any) -> None:
+    """Close the descriptor a target may hold (the mbox file)."""
+    fd = getattr(target, "fd", None)
+    if isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def run_reactor(main: Callable[[Any], defer.Deferred[int]]) -> int:
@@ -299,12 +300,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             return code
         return report(result)
     finally:
-        target_close = getattr(target, "fd", None)
-        if isinstance(target_close, int):
-            try:
-                os.close(target_close)
-            except OSError:
-                pass
+        _close_target(target)
 
 
 def _run_fetch_twisted(args: argparse.Namespace, creds: Credentials, target: Any, state_dir: str,
@@ -313,26 +309,20 @@ def _run_fetch_twisted(args: argparse.Namespace, creds: Credentials, target: Any
     from twisted.internet import defer
 
     from popservice.client.connect import connect
-    from popservice.client.connect import parse_url as twisted_parse_url
     from popservice.client.fetch import fetch
 
-    url = twisted_parse_url(args.url)
+    url = parse_url(args.url)
 
     @defer.inlineCallbacks
     def main(reactor: Any) -> Any:
-        client = yield connect(reactor, url, _twisted_credentials(creds), **_options(args))
+        client = yield connect(reactor, url, creds, **_options(args))
         result = yield fetch(client, target, state_dir, options, progress)
         return report(result)
 
     try:
         return run_reactor(main)
     finally:
-        target_close = getattr(target, "fd", None)
-        if isinstance(target_close, int):
-            try:
-                os.close(target_close)
-            except OSError:
-                pass
+        _close_target(target)
 
 
 def _cert_lines(client: POP3Client) -> list[str]:
@@ -368,10 +358,9 @@ def run_probe(args: argparse.Namespace) -> int:
     from twisted.python.failure import Failure
 
     from popservice.client.connect import open_connection
-    from popservice.client.connect import parse_url as twisted_parse_url
     from popservice.client.protocol import POP3Error
 
-    url = twisted_parse_url(args.url)
+    url = parse_url(args.url)
     out = sys.stdout
 
     @defer.inlineCallbacks
@@ -452,10 +441,9 @@ def run_migrate(args: argparse.Namespace) -> int:
     from twisted.internet import defer
 
     from popservice.client.connect import connect
-    from popservice.client.connect import parse_url as twisted_parse_url
 
-    url = twisted_parse_url(args.url)
-    creds = _twisted_credentials(resolve_credentials(args, parse_url(args.url)))
+    url = parse_url(args.url)
+    creds = resolve_credentials(args, parse_url(args.url))
     kind, _, path = args.to.partition(":")
     if kind != "maildir" or not path:
         raise SystemExit("popservice: migrate needs --to maildir:PATH")

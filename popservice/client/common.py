@@ -5,6 +5,7 @@ What both client engines share and neither needs Twisted for: the errors
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from popservice import wire
@@ -12,7 +13,7 @@ from popservice import wire
 __all__ = [
     "AuthError", "Credentials", "InUseError", "LoginDelayError", "NoMechanismError", "NoUIDLError",
     "POP3ClientError", "POP3Error", "POP3ProtocolError", "SysPermError", "SysTempError", "TLSError",
-    "TLSRequiredError", "error_for",
+    "TLSRequiredError", "apop_timestamp", "error_for", "parse_listing",
 ]
 
 
@@ -112,3 +113,34 @@ class Credentials:
     authzid: str = ""
     mechanisms: tuple[str, ...] | None = None
     allow_plaintext: bool = False
+
+
+# --------------------------------------------------------------------------
+# Parsing answers
+
+_LISTING_FAST = re.compile(rb"(?:[0-9]+ [\x21-\x7e]+\r?\n)*")
+_LISTING_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]+)")
+_APOP_TIMESTAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")
+
+
+def parse_listing(body: bytes) -> list[tuple[int, str]]:
+    """A LIST/UIDL body -> C{(number, token)} pairs."""
+    if _LISTING_FAST.fullmatch(body):
+        # the usual shape ("<n> <token>" lines): one regex pass instead of a loop
+        return [(int(n), u.decode("ascii", "replace")) for n, u in _LISTING_LINE.findall(body)]
+    out = []
+    for raw in body.split(b"\n"):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise POP3ProtocolError(f"bad listing line: {line[:80]!r}")
+        out.append((int(parts[0]), parts[1].split()[0].decode("ascii", "replace")))
+    return out
+
+
+def apop_timestamp(greeting: bytes) -> bytes | None:
+    """RFC 1939 section 7: the APOP timestamp, which may be anywhere in the greeting."""
+    m = _APOP_TIMESTAMP.search(greeting)
+    return m.group(0) if m else None

@@ -1,41 +1,10 @@
 """
-The fetcher: download new mail from a POP3 server into a Maildir, an mbox or
-an MDA, exactly once, whatever moment the process is killed at.
-
-Crash safety rests on one rule: a message is marked for deletion (DELE) only
-after its local copy is durable (fsynced) I{and} its UIDL is recorded in the
-journal (fsynced append); and a message whose UIDL is in the journal is never
-delivered again.  The journal is per account (a directory with C{journal} and
-C{lock}); records are lines:
-
-    D <uidl>                     delivered
-    M <uidl> <tmp> <final>       delivered into a Maildir: tmp/<tmp> is durable
-                                 and is renamed to new/<final> (redone at start-up
-                                 when a crash came between the two)
-    B <offset>                   an mbox batch starts at <offset> (fsynced first)
-    C                            the D lines since the last B are committed
-    I <uidl>                     an MDA is about to run for <uidl>
-
-A torn last line (no LF) is ignored and cut off.  Recovery at start-up: Maildir
-renames are completed and our orphaned tmp/ files removed; an mbox batch
-without C{C} is truncated away (its D lines do not count); an MDA run without
-its D may or may not have delivered (an MDA cannot be rolled back): it is run
-again (at-least-once) and a warning says so.  Compaction rewrites the journal
-as D lines for the UIDLs still on the server, atomically (temporary file,
-fsync, rename, fsync directory).
-
-Speed: RETRs are pipelined (a window of outstanding commands) and driven by
-plain callbacks; into a Maildir each complete message is written with one
-writev to a fresh tmp/ file whose writeback starts at once (sync_file_range),
-and durability is batched: per batch an fdatasync of each file (by then
-nearly free: one filesystem journal commit covers the batch), one fsync of
-tmp/, one journal append+fsync, the renames, then the DELEs.  A server
-without UIDL is refused (exactly-once is impossible without it).
-
-The journal, the targets and the batch logic live in
-L{popservice.client.delivery} (shared with the blocking engine,
-L{popservice.client.blocking}, which C{popservice fetch} uses by default);
-this module is the Twisted engine and re-exports them.
+The Twisted fetch engine: drives a L{POP3Client} through
+L{popservice.client.delivery.DeliverySession}, which owns the crash-safety
+rules, the journal and the delivery targets (see its docstring); this module
+only talks to the server (pipelined RETRs driven by plain callbacks) and
+re-exports the delivery names.  C{popservice fetch} uses the blocking engine
+(L{popservice.client.blocking}) by default and this one with C{--engine twisted}.
 """
 
 from __future__ import annotations

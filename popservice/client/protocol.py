@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import types
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,7 +49,9 @@ from popservice.client.common import (
     SysPermError,
     SysTempError,
     TLSRequiredError,
+    apop_timestamp,
     error_for,
+    parse_listing,
 )
 from popservice.sasl.client import (
     ClientMechanism,
@@ -266,9 +267,6 @@ class _Command:
 
 
 #: a LIST/UIDL body where every line is "<digits> <printable token>"
-_LISTING_FAST = re.compile(rb"(?:[0-9]+ [\x21-\x7e]+\r?\n)*")
-_LISTING_LINE = re.compile(rb"([0-9]+) ([\x21-\x7e]+)")
-_APOP_TIMESTAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")
 
 
 def _failure(exc: BaseException) -> Failure:
@@ -446,9 +444,7 @@ class POP3Client(Protocol, TimeoutMixin):
             if self.transport is not None:
                 self._t.loseConnection()
             return
-        # RFC 1939 section 7: the timestamp may be anywhere in the banner
-        m = _APOP_TIMESTAMP.search(line)
-        self.apop_timestamp = m.group(0) if m else None
+        self.apop_timestamp = apop_timestamp(line)
         self.greeting.callback(response)
 
     def _challenge(self, cmd: _Command, encoded: bytes) -> None:
@@ -648,22 +644,6 @@ class POP3Client(Protocol, TimeoutMixin):
         except ValueError:
             raise POP3ProtocolError(f"bad STAT answer: {r.text!r}")
 
-    def _numbered(self, body: bytes) -> list[tuple[int, str]]:
-        if _LISTING_FAST.fullmatch(body):
-            # the usual shape ("<n> <token>" lines): one regex pass instead of a loop
-            return [(int(n), u.decode("ascii", "replace"))
-                    for n, u in _LISTING_LINE.findall(body)]
-        out = []
-        for raw in body.split(b"\n"):
-            line = raw.strip()
-            if not line:
-                continue
-            parts = line.split(None, 1)
-            if len(parts) != 2 or not parts[0].isdigit():
-                raise POP3ProtocolError(f"bad listing line: {line[:80]!r}")
-            out.append((int(parts[0]), parts[1].split()[0].decode("ascii", "replace")))
-        return out
-
     @defer.inlineCallbacks
     def list(self, number: int | None = None) -> Any:
         """LIST: a list of L{ListEntry}, or one L{ListEntry} for C{number}."""
@@ -676,7 +656,7 @@ class POP3Client(Protocol, TimeoutMixin):
                 raise POP3ProtocolError(f"bad LIST answer: {r.text!r}")
         cmd = yield self._multi("LIST")
         try:
-            return [ListEntry(n, int(s)) for n, s in self._numbered(cmd.body())]
+            return [ListEntry(n, int(s)) for n, s in parse_listing(cmd.body())]
         except ValueError:
             raise POP3ProtocolError("bad LIST size")
 
@@ -690,7 +670,7 @@ class POP3Client(Protocol, TimeoutMixin):
                 raise POP3ProtocolError(f"bad UIDL answer: {r.text!r}")
             return UidlEntry(int(parts[0]), parts[1])
         cmd = yield self._multi("UIDL")
-        return [UidlEntry(n, u) for n, u in self._numbered(cmd.body())]
+        return [UidlEntry(n, u) for n, u in parse_listing(cmd.body())]
 
     def _stream(self, keyword: str, args: tuple[int, ...], consumer: Consumer | None,
                 crlf: bool) -> "defer.Deferred[Any]":
