@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +35,8 @@ def create_demo(directory: str) -> str:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     passwd = os.path.join(directory, "passwd")
     if not os.path.exists(passwd):
+        import secrets
+
         password = secrets.token_urlsafe(12)
         fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -10,7 +10,7 @@ Server and client both read this table; nothing else decides legality.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class State(enum.Enum):
@@ -30,8 +30,7 @@ class ArgKind(enum.Enum):
     REST = "rest"
 
 
-@dataclass(frozen=True)
-class CommandSpec:
+class CommandSpec(NamedTuple):
     keyword: str
     states: frozenset[State]
     args: tuple[ArgKind, ...] = ()

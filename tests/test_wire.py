@@ -135,6 +135,16 @@ class BodyRoundTrip(unittest.TestCase):
             results.append((out, dec.done, dec.trailing))
         self.assertEqual(results[0], results[1])
 
+    @settings(max_examples=3000, deadline=None)
+    @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"\r\r", b"\n\r", b"."]),
+                    max_size=24).map(b"".join))
+    def test_crlf_to_lf_is_replace(self, data: bytes) -> None:
+        self.assertEqual(wire.crlf_to_lf(data), data.replace(b"\r\n", b"\n"))
+
+    def test_crlf_to_lf_keeps_lone_cr(self) -> None:
+        self.assertEqual(wire.crlf_to_lf(b"a\rb\r\nc\r"), b"a\rb\nc\r")
+        self.assertEqual(wire.crlf_to_lf(b"a\r\nb\r\n"), b"a\nb\n")
+
     def test_decoder_split_terminator(self) -> None:
         data = b"line\r\n..stuffed\r\n.\r\n"
         for i in range(len(data) + 1):

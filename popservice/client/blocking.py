@@ -27,7 +27,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from hashlib import md5
 from typing import Any
 
 from popservice import wire
@@ -275,6 +274,8 @@ class BlockingClient:
                     and (mech is None or (mech.plaintext and not self.tls)))
         if use_apop:
             assert credentials.password is not None and self.apop_timestamp is not None
+            from hashlib import md5  # here: only APOP needs it, and it costs OpenSSL's start-up
+
             digest = md5(self.apop_timestamp + credentials.password.encode("utf-8")).hexdigest()  # noqa: S324
             self.command("APOP", credentials.username, digest, login=True)
             how = "APOP"
@@ -395,7 +396,8 @@ def _download(client: BlockingClient, session: DeliverySession,
     inflight: deque[tuple[int, Any]] = deque()
     retrs = 0  # RETRs in flight
     result = session.result
-    read_line, read_body, parse = client.read_line, client.read_body, wire.parse_response
+    read_line, read_body, parse, crlf_to_lf = (client.read_line, client.read_body, wire.parse_response,
+                                               wire.crlf_to_lf)
 
     def pump() -> None:
         nonlocal retrs
@@ -430,7 +432,7 @@ def _download(client: BlockingClient, session: DeliverySession,
         chunks: list[bytes] = []
         read_body(chunks.append)
         if to_lf:
-            data = b"".join(chunks).replace(b"\r\n", b"\n")
+            data = crlf_to_lf(b"".join(chunks))
             chunks = [data] if data else []
         if maildir:
             full = session.store(arg, chunks)

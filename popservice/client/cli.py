@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
-import hashlib
-import netrc
+import gc
 import os
 import re
-import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +106,10 @@ def _add_fetch(sub: Any) -> None:
     p.add_argument("--window", type=int, default=32, help="pipelined RETRs in flight")
     p.add_argument("--batch", type=int, default=256, metavar="N",
                    help="messages made durable together (one sync and journal write per batch)")
+    p.add_argument("--sync", choices=("batch", "file"), default="batch",
+                   help="maildir: make a batch durable with one syncfs(2) (batch, the default on "
+                   "Linux; it also waits for other programs' writes to that filesystem) or with "
+                   "an fdatasync per file (file)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.add_argument("--progress", action="store_true", help="show progress even when not on a TTY")
     p.add_argument("--engine", choices=("blocking", "twisted"), default="blocking",
@@ -145,13 +147,19 @@ def add_subcommands(subparsers: Any) -> None:
 # --------------------------------------------------------------------------
 # Secrets
 
+# getpass, netrc and subprocess are imported where used: most runs need none of them.
+
 def _command_output(cmd: str) -> str:
+    import subprocess
+
     out = subprocess.run(cmd, shell=True, check=True, stdout=subprocess.PIPE).stdout  # noqa: S602
     return out.decode("utf-8").splitlines()[0] if out else ""
 
 
 def resolve_credentials(args: argparse.Namespace, url: POP3URL) -> Credentials:
     """User name and password/token from the options, the environment, netrc or a prompt."""
+    import getpass
+
     username = args.user or url.user or getpass.getuser()
     password: str | None = None
     token: str | None = None
@@ -162,6 +170,8 @@ def resolve_credentials(args: argparse.Namespace, url: POP3URL) -> Credentials:
     elif args.password_env and args.password_env in os.environ:
         password = os.environ[args.password_env]
     elif args.netrc is not None:
+        import netrc
+
         try:
             entry = netrc.netrc(args.netrc or None).authenticators(url.host)
         except (OSError, netrc.NetrcParseError) as e:
@@ -273,9 +283,10 @@ def run_fetch(args: argparse.Namespace) -> int:
                  else default_state_dir(url, creds.username))
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     warnings: list[str] = []
-    tag = hashlib.sha256(state_dir.encode()).hexdigest()[:8]
+    # our tmp/ files' mark (zlib, not hashlib: hashlib costs OpenSSL's start-up)
+    tag = "%08x" % zlib.crc32(state_dir.encode())
     target = make_target(args.to, username=creds.username, state_dir=state_dir, crlf=args.crlf,
-                         warn=warnings.append, tag=tag)
+                         warn=warnings.append, tag=tag, sync=args.sync)
     progress = Progress(enabled=(args.progress or sys.stderr.isatty()) and not args.quiet)
     options = FetchOptions(keep=args.keep, limit=args.limit, max_size=args.max_size, window=args.window,
                            batch_messages=max(1, args.batch))
@@ -290,6 +301,9 @@ def run_fetch(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "blocking") == "twisted":
         return _run_fetch_twisted(args, creds, target, state_dir, options, progress, report)
     options.early_writeback = False  # measured faster for this engine (see FetchOptions)
+    # What exists now (modules, classes) lives as long as the process: keep
+    # the collector from walking it again and again while messages stream.
+    gc.freeze()
     try:
         try:
             result = blocking.run_fetch(url, creds, target, state_dir, options, progress,

@@ -6,7 +6,7 @@ What both client engines share and neither needs Twisted for: the errors
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from popservice import wire
 
@@ -98,8 +98,7 @@ class NoUIDLError(POP3ClientError):
     """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(NamedTuple):
     """
     Who to log in as.  C{token} (OAuth 2.0) selects OAUTHBEARER/XOAUTH2;
     C{mechanisms} restricts the choice (names of SASL mechanisms, C{"APOP"},

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import socket
-from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -163,9 +162,9 @@ def connect(
     client = yield open_connection(reactor, url, **options)
     if credentials is not None:
         if not credentials.username and url.user:
-            credentials = replace(credentials, username=url.user)
+            credentials = credentials._replace(username=url.user)
         if credentials.mechanisms is None and url.mechanisms is not None:
-            credentials = replace(credentials, mechanisms=url.mechanisms)
+            credentials = credentials._replace(mechanisms=url.mechanisms)
         try:
             yield client.login(credentials)
         except BaseException:

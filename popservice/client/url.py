@@ -7,7 +7,7 @@ without importing Twisted).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 __all__ = ["DEFAULT_PORTS", "POP3URL", "parse_url"]
@@ -15,8 +15,7 @@ __all__ = ["DEFAULT_PORTS", "POP3URL", "parse_url"]
 DEFAULT_PORTS = {"pop3": 110, "pop3s": 995}
 
 
-@dataclass(frozen=True)
-class POP3URL:
+class POP3URL(NamedTuple):
     """A parsed RFC 2384 URL (C{pop3s} for implicit TLS, RFC 8314)."""
 
     scheme: str

@@ -12,19 +12,15 @@ L{choose_mechanism} picks the strongest mechanism both sides support.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
-import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class SASLError(Exception):
     """The server's challenge or final message is unacceptable."""
 
 
-@dataclass(frozen=True)
-class SASLCredentials:
+class SASLCredentials(NamedTuple):
     """What a mechanism may need; C{token} is an OAuth 2.0 bearer token."""
 
     username: str
@@ -107,6 +103,9 @@ class CramMD5(ClientMechanism):
     def respond(self, challenge: bytes) -> bytes:
         if not challenge:
             raise SASLError("CRAM-MD5: empty challenge")
+        import hashlib  # here, not at the top: a plain fetch should not pay for OpenSSL's start-up
+        import hmac
+
         digest = hmac.new(self._password().encode("utf-8"), challenge, hashlib.md5).hexdigest()
         return self.creds.username.encode("utf-8") + b" " + digest.encode("ascii")
 
@@ -137,6 +136,8 @@ class ScramSHA256(ClientMechanism):
 
             password, user = saslprep(password), saslprep(user)
         self._password_bytes = password.encode("utf-8")
+        import secrets  # as in CramMD5.respond
+
         self._nonce = base64.b64encode(secrets.token_bytes(18)).decode("ascii")
         self._first_bare = f"n={_scram_name(user)},r={self._nonce}"
         self._server_signature = b""
@@ -164,6 +165,9 @@ class ScramSHA256(ClientMechanism):
             salt = base64.b64decode(salt_b64, validate=True)
         except ValueError:
             raise SASLError("SCRAM-SHA-256: salt is not base64")
+        import hashlib
+        import hmac
+
         salted = hashlib.pbkdf2_hmac("sha256", self._password_bytes, salt, count)
         client_key = hmac.digest(salted, b"Client Key", "sha256")
         stored_key = hashlib.sha256(client_key).digest()
@@ -185,6 +189,8 @@ class ScramSHA256(ClientMechanism):
             got = base64.b64decode(value[2:], validate=True)
         except ValueError:
             raise SASLError("SCRAM-SHA-256: server signature is not base64")
+        import hmac
+
         if not hmac.compare_digest(got, self._server_signature):
             raise SASLError("SCRAM-SHA-256: the server's signature is wrong")
 
