@@ -443,34 +443,48 @@ class BodyDecoder:
     C{bytes.find}, whose short-needle search goes byte by byte.)
     """
 
-    __slots__ = ("_line_start", "_pending", "done", "trailing")
+    __slots__ = ("_line_start", "_pending", "done", "end", "trailing")
 
     def __init__(self) -> None:
         self._line_start = True
         self._pending = b""
         self.done = False
+        #: after L{scan} finished: the index just past the terminator
+        self.end = 0
         self.trailing = b""
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
             self.trailing += data
             return b""
-        if self._pending:
-            data = self._pending + data
+        out = self.scan(data, 0)
+        if self.end:  # set (past a terminator, so never 0) once done
+            self.trailing = data[self.end:]
+        return out
+
+    def scan(self, data: bytes, start: int) -> bytes:
+        """
+        L{feed} C{data[start:]} without copying it: a reader that keeps one
+        receive buffer for several pipelined answers scans it in place and,
+        once C{done}, goes on from C{end}.
+        """
+        pending = self._pending
+        if pending:
+            data = pending + data[start:]
             self._pending = b""
-        if not data:
+        pos = 0 if pending else start
+        n = len(data)
+        if pos >= n:
             return b""
         out: list[bytes] = []
         find = _LINE_DOT.search
-        pos = 0
-        n = len(data)
         if self._line_start:
             dot = pos
         else:
             m = find(data, pos)
             if m is None:
                 self._line_start = data.endswith(b"\n")
-                return data
+                return data[pos:] if pos else data
             dot = m.end() - 1
         while True:
             # data[dot] is the first byte of a line; data[pos:dot] is plain content
@@ -490,7 +504,9 @@ class BodyDecoder:
             if rest == b"\r\n" or rest[:1] == b"\n":
                 out.append(data[pos:dot])
                 self.done = True
-                self.trailing = data[dot + 1 + (2 if rest == b"\r\n" else 1):]
+                end = dot + 1 + (2 if rest == b"\r\n" else 1)
+                # an index into the caller's data (the held-back bytes came before it)
+                self.end = end - len(pending) + start if pending else end
                 return b"".join(out)
             if not rest or rest == b"\r":
                 out.append(data[pos:dot])

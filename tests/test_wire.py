@@ -135,6 +135,27 @@ class BodyRoundTrip(unittest.TestCase):
             results.append((out, dec.done, dec.trailing))
         self.assertEqual(results[0], results[1])
 
+    @settings(max_examples=2000, deadline=None)
+    @given(st.lists(st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n", b".\r\n", b"\n.", b".."]),
+                    max_size=16).map(b"".join),
+           st.lists(st.integers(min_value=0, max_value=60), max_size=5), st.binary(max_size=6))
+    def test_scan_in_place_matches_feed(self, data: bytes, cuts: list[int], before: bytes) -> None:
+        """scan(buffer, start) is feed(buffer[start:]) and says where the next answer starts."""
+        data += b"\r\n.\r\nNEXT"
+        ref = wire.BodyDecoder()
+        expected = b"".join(ref.feed(c) for c in chunked(data, cuts))
+        dec = wire.BodyDecoder()
+        out, rest = [], b""
+        for c in chunked(data, cuts):
+            if dec.done:
+                rest += c
+                continue
+            buffer = before + c
+            out.append(dec.scan(buffer, len(before)))
+            if dec.done:
+                rest = buffer[dec.end:]
+        self.assertEqual((b"".join(out), dec.done, rest), (expected, ref.done, ref.trailing))
+
     @settings(max_examples=3000, deadline=None)
     @given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"\r\r", b"\n\r", b"."]),
                     max_size=24).map(b"".join))

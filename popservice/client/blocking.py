@@ -103,6 +103,10 @@ class BlockingClient:
         self.host = host
         self._buf = b""
         self._pos = 0
+        #: every read lands here first: a fresh RECV_SIZE bytes object per read
+        #: would be mapped and unmapped by malloc each time (TLS reads one
+        #: 16 KiB record at a time), costing more than the copy out
+        self._landing = memoryview(bytearray(RECV_SIZE))
         self.greeting: wire.Response | None = None
         self.apop_timestamp: bytes | None = None
         self.capa: dict[str, tuple[str, ...]] | None = None
@@ -120,10 +124,10 @@ class BlockingClient:
         self.sock.sendall(data)
 
     def _recv(self) -> bytes:
-        data = self.sock.recv(RECV_SIZE)
-        if not data:
+        n = self.sock.recv_into(self._landing)
+        if not n:
             raise ConnectionError("connection closed by the server")
-        return data
+        return self._landing[:n].tobytes()
 
     def read_line(self) -> bytes:
         """The next line, without its line end."""
@@ -150,17 +154,16 @@ class BlockingClient:
     def read_body(self, sink: Callable[[bytes], object]) -> None:
         """The body of a multi-line answer (after its +OK line), unstuffed, to C{sink}."""
         decoder = wire.BodyDecoder()
-        data = self._buf[self._pos:] if self._pos else self._buf
+        data, pos = self._buf, self._pos  # scanned in place: pipelined answers share a buffer
         self._buf, self._pos = b"", 0
         while True:
-            if data:
-                out = decoder.feed(data)
-                if out:
-                    sink(out)
-                if decoder.done:
-                    self._buf = decoder.trailing
-                    return
-            data = self._recv()
+            out = decoder.scan(data, pos)
+            if out:
+                sink(out)
+            if decoder.done:
+                self._buf, self._pos = data, decoder.end
+                return
+            data, pos = self._recv(), 0
 
     def collect(self, command: str) -> bytes:
         """Read a whole multi-line answer to C{command} (status line included) into memory."""

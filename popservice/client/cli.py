@@ -158,9 +158,11 @@ def _command_output(cmd: str) -> str:
 
 def resolve_credentials(args: argparse.Namespace, url: POP3URL) -> Credentials:
     """User name and password/token from the options, the environment, netrc or a prompt."""
-    import getpass
+    username = args.user or url.user
+    if not username:
+        import getpass
 
-    username = args.user or url.user or getpass.getuser()
+        username = getpass.getuser()
     password: str | None = None
     token: str | None = None
     if args.oauth_token_command:
@@ -182,6 +184,8 @@ def resolve_credentials(args: argparse.Namespace, url: POP3URL) -> Credentials:
             username = entry[0]
         password = entry[2]
     elif sys.stdin.isatty():
+        import getpass
+
         password = getpass.getpass(f"Password for {username}@{url.host}: ")
     else:
         raise SystemExit("popservice: no password: use --password-env, --password-command, "
