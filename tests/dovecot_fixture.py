@@ -34,7 +34,7 @@ MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-256")
 #: registering everyone before it starts avoids a reload racing a login.
 USERS = {"alice": "alice pw", "deleter": "pw", "bulk": "bulkpw", "keeper": "keeperpw",
          "deleting": "deletingpw", "crash": "crashpw", "mboxer": "mboxpw", "mda": "mdapw",
-         "migrant": "migrantpw", "limits": "limitspw"}
+         "migrant": "migrantpw", "limits": "limitspw", "syncfail": "syncfailpw"}
 
 
 def skip_reason() -> str | None:

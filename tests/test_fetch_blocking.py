@@ -18,7 +18,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from popservice.client import blocking
-from popservice.client.delivery import FetchOptions, FetchResult, make_target
+from popservice.client.delivery import FetchOptions, FetchResult, MaildirTarget, make_target
 from popservice.client.url import parse_url
 from tests import dovecot_fixture as fx
 from tests import test_fetch
@@ -82,10 +82,14 @@ class BlockingFetchTests(BlockingBase):
     def test_varied_messages_crlf_and_dots(self) -> None:
         msgs = fx.varied_messages("alice")
         self.server.set_mailbox("alice", fx.USERS["alice"], msgs)
-        md = os.path.join(self.tmp, "Mail")
-        r = self.fetch("alice", f"maildir:{md}", keep=True, window=3, batch_messages=2)
-        self.assertEqual(r.fetched, len(msgs))
-        self.assertEqual(sorted(maildir_contents(md)), sorted(msgs))
+        for threaded in (False, True):  # batches made durable inline or in a thread
+            md = os.path.join(self.tmp, f"Mail-{threaded}")
+            r = self.fetch("alice", f"maildir:{md}", keep=True, window=3, batch_messages=2,
+                           threaded_sync=threaded)
+            self.assertEqual(r.fetched, len(msgs))
+            self.assertEqual(sorted(maildir_contents(md)), sorted(msgs))
+            self.assertEqual(os.listdir(os.path.join(md, "tmp")), [])
+            shutil.rmtree(os.path.join(self.tmp, "state-alice"))
 
     def test_delete_limit_max_size(self) -> None:
         msgs = fx.bulk_messages("limits", 6, 1500) + [fx.message("limits", 7, b"x" * 50_000 + b"\n")]
@@ -103,12 +107,43 @@ class BlockingFetchTests(BlockingBase):
         msgs = fx.bulk_messages("deleting", 300, 5000)
         self.server.set_mailbox("deleting", fx.USERS["deleting"], msgs)
         md = os.path.join(self.tmp, "Mail")
-        r = self.fetch("deleting", f"maildir:{md}", keep=False, batch_messages=64)
+        r = self.fetch("deleting", f"maildir:{md}", keep=False, batch_messages=64, threaded_sync=True)
         self.assertEqual((r.fetched, r.deleted), (300, 300))
         self.assertEqual(self.server_count("deleting"), 0)
         self.assertEqual(sorted(maildir_contents(md)), sorted(msgs))
         r = self.fetch("deleting", f"maildir:{md}", keep=False)
         self.assertEqual((r.fetched, r.deleted, r.total_on_server), (0, 0, 0))
+
+    def test_background_sync_failure_loses_nothing(self) -> None:
+        """A batch whose sync fails in the thread: the fetch fails, nothing of it is deleted or kept."""
+        msgs = fx.bulk_messages("syncfail", 10, 2000)
+        self.server.set_mailbox("syncfail", fx.USERS["syncfail"], msgs)
+        md = os.path.join(self.tmp, "Mail")
+        state = os.path.join(self.tmp, "state-syncfail")
+
+        class FailingSecondBatch(MaildirTarget):
+            batches = 0
+
+            def prepare(self, writers: list[Any]) -> None:
+                FailingSecondBatch.batches += 1
+                if FailingSecondBatch.batches == 2:
+                    raise OSError(5, "simulated I/O error")
+                super().prepare(writers)
+
+        creds = blocking.Credentials("syncfail", fx.USERS["syncfail"], allow_plaintext=True)
+        url = parse_url(self.url("syncfail", "plain"))
+        options = FetchOptions(keep=False, batch_messages=3, threaded_sync=True)
+        with self.assertRaises(OSError):
+            blocking.run_fetch(url, creds, FailingSecondBatch(md, tag="syncfail"), state, options,
+                               starttls="none", timeout=30)
+        self.assertEqual(len(maildir_contents(md)), 3)  # the first batch only
+        self.assertEqual(self.server_count("syncfail"), 10)  # no QUIT: no deletion took effect
+        r = blocking.run_fetch(url, creds, MaildirTarget(md, tag="syncfail"), state, options,
+                               starttls="none", timeout=30)
+        self.assertEqual((r.fetched, r.already, r.deleted), (7, 3, 10))
+        self.assertEqual(self.server_count("syncfail"), 0)
+        self.assertEqual(sorted(maildir_contents(md)), sorted(msgs))
+        self.assertEqual(os.listdir(os.path.join(md, "tmp")), [])
 
     def test_mbox_and_mda(self) -> None:
         msgs = fx.bulk_messages("mboxer", 3, 1000)

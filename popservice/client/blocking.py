@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import socket
 import time
 from collections import deque
@@ -387,6 +388,34 @@ def connect(url: POP3URL, credentials: Credentials | None = None, *, starttls: s
 _RETR, _DELE = 0, 1
 
 
+class _Preparer:
+    """
+    A batch made durable (L{Target.prepare}) in a thread while the next one
+    downloads; L{wait} hands it back for the commit, or raises what failed.
+    """
+
+    def __init__(self, target: Target, batch: tuple[list[str], list[Any], int]) -> None:
+        import threading
+
+        self.batch = batch
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(target,), name="popservice-sync",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, target: Target) -> None:
+        try:
+            target.prepare(self.batch[1])
+        except BaseException as e:  # handed to the fetching thread by wait()
+            self.error = e
+
+    def wait(self) -> tuple[list[str], list[Any], int]:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.batch
+
+
 def _download(client: BlockingClient, session: DeliverySession,
               todo: Sequence[tuple[int, str, int]], delete: list[int]) -> None:
     """Pipelined RETRs (and DELEs once allowed); returns when all are answered."""
@@ -402,8 +431,12 @@ def _download(client: BlockingClient, session: DeliverySession,
     read_line, read_body, parse, crlf_to_lf = (client.read_line, client.read_body, wire.parse_response,
                                                wire.crlf_to_lf)
 
+    refill = max(1, window // 2)  # top the window up in groups: one send wakes the server once
+
     def pump() -> None:
         nonlocal retrs
+        if len(inflight) > window - refill:
+            return
         lines = []
         while len(inflight) < window and (deletes or queue):
             if deletes:
@@ -418,40 +451,60 @@ def _download(client: BlockingClient, session: DeliverySession,
         if lines:
             client.send(b"".join(lines))
 
-    pump()
-    while inflight:
-        kind, arg = inflight.popleft()
-        line = read_line()
-        response = parse(line)
-        if response is None:
-            raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
-        if not response.ok:
-            raise error_for(response, "RETR" if kind == _RETR else "DELE", False)
-        if kind == _DELE:
-            result.deleted += 1
-            pump()
-            continue
-        retrs -= 1
-        chunks: list[bytes] = []
-        read_body(chunks.append)
-        if to_lf:
-            data = crlf_to_lf(b"".join(chunks))
-            chunks = [data] if data else []
-        if maildir:
-            full = session.store(arg, chunks)
-        else:
-            writer = target.open(arg, 0)
-            try:
-                for c in chunks:
-                    writer.write(c)
-            except BaseException:
-                session.abort([writer])
-                raise
-            full = session.finished(arg, writer)
-        if full or (not queue and not retrs):
-            deletes.extend(session.flush())
+    # With a threadable target a full batch is made durable in a thread while
+    # the next one downloads; it is committed (journal, publish, DELE) only
+    # once that is done, so the crash-safety order is the same.
+    background = session.options.threaded_sync and target.threadable
+    preparing: _Preparer | None = None
+    try:
         pump()
-
+        while inflight:
+            kind, arg = inflight.popleft()
+            line = read_line()
+            if not line.startswith(b"+OK ") and line != b"+OK":  # else parse only to report it
+                response = parse(line)
+                if response is None:
+                    raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
+                if not response.ok:
+                    raise error_for(response, "RETR" if kind == _RETR else "DELE", False)
+            if kind == _DELE:
+                result.deleted += 1
+                pump()
+                continue
+            retrs -= 1
+            chunks: list[bytes] = []
+            read_body(chunks.append)
+            if to_lf:
+                data = crlf_to_lf(b"".join(chunks))
+                chunks = [data] if data else []
+            if maildir:
+                full = session.store(arg, chunks)
+            else:
+                writer = target.open(arg, 0)
+                try:
+                    for c in chunks:
+                        writer.write(c)
+                except BaseException:
+                    session.abort([writer])
+                    raise
+                full = session.finished(arg, writer)
+            more = bool(queue or retrs)
+            if full or not more:
+                if preparing is not None:
+                    batch = preparing.wait()
+                    preparing = None
+                    deletes.extend(session.commit(*batch))
+                if background and more:
+                    preparing = _Preparer(target, session.take_batch())
+                else:
+                    deletes.extend(session.flush())
+            pump()
+    except BaseException:
+        if preparing is not None:  # its files are not ours to drop while the thread holds them
+            with contextlib.suppress(BaseException):
+                preparing.wait()
+            session.abort(preparing.batch[1])
+        raise
 
 def fetch(client: BlockingClient, target: Target, state_dir: str,
           options: FetchOptions | None = None, progress: Progress | None = None,
