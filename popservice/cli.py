@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--port", type=int, default=1110, help="plaintext/STLS port (default 1110)")
         p.add_argument("--tls-port", type=int, default=1995, help="implicit TLS port (default 1995)")
         p.set_defaults(func=demo)
-    client_cli.add_subcommands(sub)
+    client_cli.add_subcommands(sub, only=argv[0] if client_only else None)
     if not client_only:
         from popservice import admin, expire
 

@@ -137,11 +137,18 @@ def _add_migrate(sub: Any) -> None:
     p.set_defaults(handler=run_migrate)
 
 
-def add_subcommands(subparsers: Any) -> None:
-    """Register C{fetch}, C{probe} and C{migrate} on an argparse subparsers object."""
-    _add_fetch(subparsers)
-    _add_probe(subparsers)
-    _add_migrate(subparsers)
+_SUBCOMMANDS = {"fetch": _add_fetch, "probe": _add_probe, "migrate": _add_migrate}
+
+
+def add_subcommands(subparsers: Any, only: str | None = None) -> None:
+    """
+    Register C{fetch}, C{probe} and C{migrate} on an argparse subparsers
+    object; C{only}: just that one (the command being run: argparse spends
+    milliseconds on every option, and a fetch should not wait for the others').
+    """
+    for name, add in _SUBCOMMANDS.items():
+        if only is None or name == only:
+            add(subparsers)
 
 
 # --------------------------------------------------------------------------
@@ -518,7 +525,8 @@ def run_migrate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="popservice")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_subcommands(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    add_subcommands(sub, only=argv[0] if argv and argv[0] in _SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

@@ -191,7 +191,7 @@ class CRLFToLF:
         if chunk.endswith(b"\r"):
             self._held = True
             chunk = chunk[:-1]
-        return chunk.replace(b"\r\n", b"\n")
+        return wire.crlf_to_lf(chunk)
 
     def finish(self) -> bytes:
         if self._held:
