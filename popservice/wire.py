@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import NamedTuple, Union
 
-from popservice.states import COMMANDS, ArgKind, CommandSpec
+from popservice.value import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
+
+    from popservice.states import CommandSpec
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -80,7 +85,7 @@ class LineReader:
         self.clear()
         return data
 
-    def next_line(self) -> Union[bytes, LineTooLong, None]:
+    def next_line(self) -> bytes | LineTooLong | None:
         """
         The next complete line without its line end, L{LineTooLong} for an
         over-long line (reported once, when its end arrives, or at once when
@@ -128,7 +133,7 @@ class Command:
 
     __slots__ = ("args", "keyword", "spec")
 
-    def __init__(self, keyword: str, args: tuple[Union[str, int], ...] = (),
+    def __init__(self, keyword: str, args: tuple[str | int, ...] = (),
                  spec: CommandSpec | None = None) -> None:
         self.keyword = keyword
         self.args = args
@@ -145,31 +150,34 @@ class Command:
         return f"Command(keyword={self.keyword!r}, args={self.args!r})"
 
 
-class CommandError(NamedTuple):
+class CommandError(Value):
     """
     A command line that cannot be executed.  C{reason} is a fixed text chosen
     here, never a copy of the client's bytes (responses must not echo input).
     """
 
-    keyword: str | None
-    reason: str
+    __slots__ = ("keyword", "reason")
+
+    def __init__(self, keyword: str | None, reason: str) -> None:
+        self.keyword: Final = keyword
+        self.reason: Final = reason
 
 
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
 
 
-def _parse_number(raw: bytes, kind: ArgKind) -> Union[int, str]:
+def _parse_number(raw: bytes, message: bool) -> int | str:
     if not raw.isdigit():  # ASCII digits only, for bytes
         return "invalid number"
     if len(raw) > _MAX_DIGITS:
-        return "no such message" if kind is ArgKind.MESSAGE else "invalid number"
+        return "no such message" if message else "invalid number"
     value = int(raw)
-    if kind is ArgKind.MESSAGE and value < 1:
+    if message and value < 1:
         return "no such message"
     return value
 
 
-def parse_command(line: bytes) -> Union[Command, CommandError]:
+def parse_command(line: bytes) -> Command | CommandError:
     """
     Parse one command line (without its line end).  RFC 1939 section 3:
     keyword of 3-4 letters, case-insensitive, arguments separated by single
@@ -177,6 +185,11 @@ def parse_command(line: bytes) -> Union[Command, CommandError]:
     L{popservice.states}; PASS keeps the rest of the line as one argument
     because passwords may contain spaces.
     """
+    # The table is imported here rather than with this module: clients use the
+    # framing in this module but never parse commands, and the table's enums
+    # cost the fetch client's start-up a few milliseconds.
+    from popservice.states import COMMANDS, ArgKind
+
     if b"\x00" in line:
         return CommandError(None, "invalid characters in command")
     keyword_raw, sep, rest = line.partition(b" ")
@@ -198,10 +211,10 @@ def parse_command(line: bytes) -> Union[Command, CommandError]:
         return CommandError(keyword, "missing argument")
     if len(raw_args) > len(kinds):
         return CommandError(keyword, "too many arguments")
-    args: list[Union[str, int]] = []
+    args: list[str | int] = []
     for raw, kind in zip(raw_args, kinds[:len(raw_args)], strict=True):
         if kind in (ArgKind.MESSAGE, ArgKind.COUNT):
-            value = _parse_number(raw, kind)
+            value = _parse_number(raw, kind is ArgKind.MESSAGE)
             if isinstance(value, str):
                 return CommandError(keyword, value)
             args.append(value)
@@ -214,7 +227,7 @@ def parse_command(line: bytes) -> Union[Command, CommandError]:
     return Command(keyword, tuple(args), spec)
 
 
-def format_command(keyword: str, *args: Union[str, int]) -> bytes:
+def format_command(keyword: str, *args: str | int) -> bytes:
     """A command line for the client side, CRLF included."""
     parts = [keyword.encode("ascii")]
     for a in args:
@@ -265,12 +278,15 @@ def multiline(first: bytes, lines: "list[bytes]") -> bytes:
     return b"".join(out)
 
 
-class Response(NamedTuple):
+class Response(Value):
     """A status line as the client sees it."""
 
-    ok: bool
-    code: str | None
-    text: str
+    __slots__ = ("ok", "code", "text")
+
+    def __init__(self, ok: bool, code: str | None, text: str) -> None:
+        self.ok: Final = ok
+        self.code: Final = code
+        self.text: Final = text
 
 
 _RESPONSE_CODE = re.compile(r"\[([^\]]*)\]\s?")

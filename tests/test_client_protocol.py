@@ -533,6 +533,19 @@ class URLTests(unittest.TestCase):
         self.assertRaises(ValueError, parse_url, "imap://host")
         self.assertRaises(ValueError, parse_url, "pop3://host/path")
 
+    def test_parse_details(self) -> None:
+        u = parse_url("POP3://User:ignored@Mail.Example.ORG:/")
+        self.assertEqual((u.scheme, u.host, u.port, u.user, u.auth),
+                         ("pop3", "mail.example.org", 110, "User", None))
+        self.assertEqual(parse_url("pop3s://a%C3%A9;auth=*@h:1").user, "a\u00e9")
+        self.assertIsNone(parse_url("pop3s://a;auth=*@h:1").mechanisms)
+        self.assertEqual(str(parse_url("pop3://u;AUTH=PLAIN@[::1]:1110")), "pop3://u;AUTH=PLAIN@[::1]:1110")
+        self.assertEqual(parse_url("pop3://h"), parse_url("pop3://h:110/"))
+        for bad in ("pop3://", "pop3://host?q", "pop3://host#f", "pop3://h:0", "pop3://h:65536",
+                    "pop3://h:x", "pop3://[1.2.3.4]", "pop3://[::1", "pop3://a b@h", "pop3://h\n",
+                    "pop3:host", "pop3://u@v@h"):
+            self.assertRaises(ValueError, parse_url, bad)
+
 
 class SASLUnitTests(unittest.TestCase):
     def test_choice(self) -> None:

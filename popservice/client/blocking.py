@@ -28,7 +28,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from popservice import wire
 from popservice.client.common import (
@@ -62,6 +61,10 @@ from popservice.sasl.client import (
     choose_mechanism,
     make_mechanism,
 )
+
+TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up; see popservice.value)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "AuthError", "BlockingClient", "Credentials", "NoMechanismError", "NoUIDLError",

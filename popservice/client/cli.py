@@ -21,7 +21,6 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
 
 # The default fetch path (the blocking engine) must not import Twisted: it
 # costs about as much start-up time as a whole fetch.  Twisted is imported
@@ -37,7 +36,10 @@ from popservice.client.delivery import (
 )
 from popservice.client.url import POP3URL, parse_url
 
+TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up; see popservice.value)
 if TYPE_CHECKING:
+    from typing import Any
+
     from twisted.internet import defer
 
     from popservice.client.protocol import Capabilities, POP3Client

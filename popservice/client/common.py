@@ -6,9 +6,13 @@ What both client engines share and neither needs Twisted for: the errors
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 from popservice import wire
+from popservice.value import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = [
     "AuthError", "Credentials", "InUseError", "LoginDelayError", "NoMechanismError", "NoUIDLError",
@@ -98,7 +102,7 @@ class NoUIDLError(POP3ClientError):
     """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
 
 
-class Credentials(NamedTuple):
+class Credentials(Value):
     """
     Who to log in as.  C{token} (OAuth 2.0) selects OAUTHBEARER/XOAUTH2;
     C{mechanisms} restricts the choice (names of SASL mechanisms, C{"APOP"},
@@ -106,12 +110,17 @@ class Credentials(NamedTuple):
     over a connection without TLS.
     """
 
-    username: str
-    password: str | None = None
-    token: str | None = None
-    authzid: str = ""
-    mechanisms: tuple[str, ...] | None = None
-    allow_plaintext: bool = False
+    __slots__ = ("username", "password", "token", "authzid", "mechanisms", "allow_plaintext")
+
+    def __init__(self, username: str, password: str | None = None, token: str | None = None,
+                 authzid: str = "", mechanisms: tuple[str, ...] | None = None,
+                 allow_plaintext: bool = False) -> None:
+        self.username: Final = username
+        self.password: Final = password
+        self.token: Final = token
+        self.authzid: Final = authzid
+        self.mechanisms: Final = mechanisms
+        self.allow_plaintext: Final = allow_plaintext
 
 
 # --------------------------------------------------------------------------

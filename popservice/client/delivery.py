@@ -51,7 +51,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, BinaryIO, Protocol
+
+TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up; see popservice.value)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 __all__ = [
     "DeliveryError", "DeliverySession", "FetchOptions", "FetchResult", "Journal",
@@ -263,10 +266,6 @@ class Journal:
 
 # --------------------------------------------------------------------------
 # Delivery targets
-
-class MessageWriter(Protocol):
-    def write(self, chunk: bytes) -> None: ...
-
 
 class Target:
     """Where messages go.  Subclasses implement the crash-safe protocol."""

@@ -27,7 +27,6 @@ from popservice.client.delivery import (
     MaildirTarget,
     MboxTarget,
     MDATarget,
-    MessageWriter,
     Progress,
     StateLocked,
     Target,
@@ -40,7 +39,7 @@ from popservice.client.protocol import POP3Client, POP3Error, UidlEntry
 
 __all__ = [
     "DeliveryError", "FetchOptions", "FetchResult", "Fetcher", "Journal", "MaildirTarget",
-    "MboxTarget", "MDATarget", "MessageWriter", "NoUIDLError", "Progress", "StateLocked",
+    "MboxTarget", "MDATarget", "NoUIDLError", "Progress", "StateLocked",
     "Target", "fetch", "fsync_dir", "make_target", "start_writeback", "syncfs",
 ]
 

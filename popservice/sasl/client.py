@@ -13,23 +13,34 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from typing import NamedTuple
+
+from popservice.value import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 
 class SASLError(Exception):
     """The server's challenge or final message is unacceptable."""
 
 
-class SASLCredentials(NamedTuple):
-    """What a mechanism may need; C{token} is an OAuth 2.0 bearer token."""
+class SASLCredentials(Value):
+    """
+    What a mechanism may need; C{token} is an OAuth 2.0 bearer token;
+    C{host} and C{port} are for OAUTHBEARER's gs2/kvpairs (RFC 7628 section 3.1).
+    """
 
-    username: str
-    password: str | None = None
-    token: str | None = None
-    authzid: str = ""
-    #: for OAUTHBEARER's gs2/kvpairs (RFC 7628 section 3.1)
-    host: str = ""
-    port: int = 0
+    __slots__ = ("username", "password", "token", "authzid", "host", "port")
+
+    def __init__(self, username: str, password: str | None = None, token: str | None = None,
+                 authzid: str = "", host: str = "", port: int = 0) -> None:
+        self.username: Final = username
+        self.password: Final = password
+        self.token: Final = token
+        self.authzid: Final = authzid
+        self.host: Final = host
+        self.port: Final = port
 
 
 class ClientMechanism:
