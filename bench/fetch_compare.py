@@ -80,7 +80,7 @@ def run_mpop(work: str, server: fx.Dovecot, tls: bool) -> tuple[list[str], dict[
     md = maildir(os.path.join(work, "Mail"))
     rc = os.path.join(work, "mpoprc")
     with open(rc, "w") as f:
-        f.write(f"account bench\nhost 127.0.0.1\nuser {USER}\npasswordeval echo '{PASSWORD}'\n"
+        f.write(f"account bench\nhost 127.0.0.1\nuser {USER}\npassword {PASSWORD}\n"
                 f"auth plain\ndelivery maildir {md}\nkeep on\nonly_new off\n"
                 f"uidls_file {work}/mpop.uidls\n")
         if tls:
