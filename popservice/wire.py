@@ -494,47 +494,31 @@ class BodyDecoder:
             return b""
         out: list[bytes] = []
         find = _LINE_DOT.search
-        if self._line_start:
-            dot = pos
-        else:
-            m = find(data, pos)
-            if m is None:
-                self._line_start = data.endswith(b"\n")
-                return data[pos:] if pos else data
-            dot = m.end() - 1
+        # data[pos:] is not yet handed out; a line that starts with a dot is
+        # found by the pattern, or is the very first byte after a line end
+        at_dot = self._line_start and data[pos] == 0x2E  # "."
         while True:
-            # data[dot] is the first byte of a line; data[pos:dot] is plain content
-            if dot >= n:
-                out.append(data[pos:])
-                self._line_start = True
-                break
-            if data[dot] != 0x2E:  # "."
-                m = find(data, dot)
+            if at_dot:
+                dot, at_dot = pos, False
+            else:
+                m = find(data, pos)
                 if m is None:
                     out.append(data[pos:])
                     self._line_start = data.endswith(b"\n")
-                    break
+                    return out[0] if len(out) == 1 else b"".join(out)
                 dot = m.end() - 1
-                continue
             rest = data[dot + 1:dot + 3]
-            if rest == b"\r\n" or rest[:1] == b"\n":
+            if rest == b"\r\n" or rest[:1] == b"\n":  # the terminator
                 out.append(data[pos:dot])
                 self.done = True
                 end = dot + 1 + (2 if rest == b"\r\n" else 1)
                 # an index into the caller's data (the held-back bytes came before it)
                 self.end = end - len(pending) + start if pending else end
                 return b"".join(out)
-            if not rest or rest == b"\r":
+            if not rest or rest == b"\r":  # terminator or stuffing: the next bytes decide
                 out.append(data[pos:dot])
                 self._pending = data[dot:]
                 self._line_start = True
                 return b"".join(out)
             out.append(data[pos:dot])
             pos = dot + 1  # drop the stuffing dot
-            m = find(data, pos)
-            if m is None:
-                out.append(data[pos:])
-                self._line_start = data.endswith(b"\n")
-                break
-            dot = m.end() - 1
-        return out[0] if len(out) == 1 else b"".join(out)

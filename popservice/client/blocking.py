@@ -41,6 +41,7 @@ from popservice.client.common import (
     TLSError,
     TLSRequiredError,
     apop_timestamp,
+    choose_login,
     error_for,
     parse_listing,
 )
@@ -56,10 +57,7 @@ from popservice.client.delivery import (
 from popservice.client.url import POP3URL
 from popservice.sasl.client import (
     ClientMechanism,
-    SASLCredentials,
     SASLError,
-    choose_mechanism,
-    make_mechanism,
 )
 
 TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up; see popservice.value)
@@ -263,44 +261,21 @@ class BlockingClient:
         L{popservice.client.protocol.POP3Client.login}; CAPA is re-read after.
         """
         caps = self.capa if self.capa is not None else self.capabilities()
-        sasl = tuple(m.upper() for m in caps.get("SASL", ()))
-        allow_plain = self.tls or credentials.allow_plaintext
-        allowed = None if credentials.mechanisms is None else tuple(
-            m.upper() for m in credentials.mechanisms)
-        sasl_creds = SASLCredentials(
-            credentials.username, credentials.password, credentials.token, credentials.authzid)
-        if allowed is not None and len(allowed) == 1 and allowed[0] not in ("APOP", "USER") \
-                and allowed[0] not in sasl:
-            mech: ClientMechanism | None = make_mechanism(allowed[0], sasl_creds)
-        else:
-            mech = choose_mechanism(sasl, sasl_creds, allowed, allow_plain)
-        if mech is not None and mech.plaintext and not allow_plain:
-            raise NoMechanismError(f"{mech.name} would send the password in clear without TLS")
-        use_apop = (credentials.password is not None and self.apop_timestamp is not None
-                    and (allowed is None or "APOP" in allowed)
-                    and (mech is None or (mech.plaintext and not self.tls)))
-        if use_apop:
+        how, mech = choose_login(credentials, tuple(m.upper() for m in caps.get("SASL", ())),
+                                 user="USER" in caps, capa=bool(caps), stls="STLS" in caps,
+                                 apop_timestamp=self.apop_timestamp, tls=self.tls)
+        if mech is not None:
+            self._authenticate(mech)
+        elif how == "APOP":
             assert credentials.password is not None and self.apop_timestamp is not None
             from hashlib import md5  # here: only APOP needs it, and it costs OpenSSL's start-up
 
             digest = md5(self.apop_timestamp + credentials.password.encode("utf-8")).hexdigest()  # noqa: S324
             self.command("APOP", credentials.username, digest, login=True)
-            how = "APOP"
-        elif mech is not None:
-            self._authenticate(mech)
-            how = mech.name
-        elif (credentials.password is not None and (allowed is None or "USER" in allowed)
-              and ("USER" in caps or not caps) and allow_plain):
+        else:
+            assert credentials.password is not None
             self.command("USER", credentials.username, login=True)
             self.command("PASS", credentials.password, login=True)
-            how = "USER"
-        elif credentials.password is not None and not allow_plain and "STLS" in caps and not self.tls:
-            raise NoMechanismError("only plaintext login offered: use STLS or allow plaintext")
-        else:
-            raise NoMechanismError(
-                "no acceptable login method (server offers SASL {}{}{})".format(
-                    " ".join(sasl) or "none", ", USER" if "USER" in caps else "",
-                    ", APOP" if self.apop_timestamp else ""))
         self.logged_in = True
         self.mechanism_used = how
         self.capabilities()

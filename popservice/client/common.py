@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from popservice import wire
+from popservice.sasl.client import ClientMechanism, SASLCredentials, choose_mechanism, make_mechanism
 from popservice.value import Value
 
 TYPE_CHECKING = False
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AuthError", "Credentials", "InUseError", "LoginDelayError", "NoMechanismError", "NoUIDLError",
     "POP3ClientError", "POP3Error", "POP3ProtocolError", "SysPermError", "SysTempError", "TLSError",
-    "TLSRequiredError", "apop_timestamp", "error_for", "parse_listing",
+    "TLSRequiredError", "apop_timestamp", "choose_login", "error_for", "parse_listing",
 ]
 
 
@@ -152,3 +153,45 @@ def apop_timestamp(greeting: bytes) -> bytes | None:
     """RFC 1939 section 7: the APOP timestamp, which may be anywhere in the greeting."""
     m = _APOP_TIMESTAMP.search(greeting)
     return m.group(0) if m else None
+
+
+def choose_login(credentials: Credentials, sasl: tuple[str, ...], *, user: bool, capa: bool,
+                 stls: bool, apop_timestamp: bytes | None,
+                 tls: bool) -> tuple[str, ClientMechanism | None]:
+    """
+    How both client engines log in: the strongest method both sides allow,
+    as C{(name, mechanism)}.  A SASL mechanism (SCRAM-SHA-256, CRAM-MD5, then
+    PLAIN/LOGIN, or OAUTHBEARER/XOAUTH2 with a token), else C{("APOP", None)},
+    else C{("USER", None)} (USER/PASS); plaintext methods need TLS or
+    C{credentials.allow_plaintext}.
+    C{sasl}: the mechanisms the server's CAPA lists (upper case); C{user},
+    C{stls}: whether it lists USER and STLS; C{capa}: whether CAPA answered
+    at all (without it USER/PASS is assumed).  Raises L{NoMechanismError}.
+    """
+    allow_plain = tls or credentials.allow_plaintext
+    allowed = None if credentials.mechanisms is None else tuple(
+        m.upper() for m in credentials.mechanisms)
+    sasl_creds = SASLCredentials(
+        credentials.username, credentials.password, credentials.token, credentials.authzid)
+    if allowed is not None and len(allowed) == 1 and allowed[0] not in ("APOP", "USER") \
+            and allowed[0] not in sasl:
+        # an explicit request for a mechanism the server did not list: try it
+        mech: ClientMechanism | None = make_mechanism(allowed[0], sasl_creds)
+    else:
+        mech = choose_mechanism(sasl, sasl_creds, allowed, allow_plain)
+    if mech is not None and mech.plaintext and not allow_plain:
+        raise NoMechanismError(f"{mech.name} would send the password in clear without TLS")
+    if (credentials.password is not None and apop_timestamp is not None
+            and (allowed is None or "APOP" in allowed)
+            and (mech is None or (mech.plaintext and not tls))):
+        return "APOP", None
+    if mech is not None:
+        return mech.name, mech
+    if (credentials.password is not None and (allowed is None or "USER" in allowed)
+            and (user or not capa) and allow_plain):
+        return "USER", None
+    if credentials.password is not None and not allow_plain and stls and not tls:
+        raise NoMechanismError("only plaintext login offered: use STLS or allow plaintext")
+    raise NoMechanismError(
+        "no acceptable login method (server offers SASL {}{}{})".format(
+            " ".join(sasl) or "none", ", USER" if user else "", ", APOP" if apop_timestamp else ""))

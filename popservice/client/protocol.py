@@ -50,15 +50,13 @@ from popservice.client.common import (
     SysTempError,
     TLSRequiredError,
     apop_timestamp,
+    choose_login,
     error_for,
     parse_listing,
 )
 from popservice.sasl.client import (
     ClientMechanism,
-    SASLCredentials,
     SASLError,
-    choose_mechanism,
-    make_mechanism,
 )
 
 __all__ = [
@@ -597,38 +595,17 @@ class POP3Client(Protocol, TimeoutMixin):
             yield self.capabilities()
         caps = self.capa
         assert caps is not None
-        allow_plain = self.tls or credentials.allow_plaintext
-        allowed = None if credentials.mechanisms is None else tuple(
-            m.upper() for m in credentials.mechanisms)
-        sasl_creds = SASLCredentials(
-            credentials.username, credentials.password, credentials.token, credentials.authzid)
-        if allowed is not None and len(allowed) == 1 and allowed[0] not in ("APOP", "USER") \
-                and allowed[0] not in caps.sasl:
-            # an explicit request for a mechanism the server did not list: try it
-            mech: ClientMechanism | None = make_mechanism(allowed[0], sasl_creds)
-        else:
-            mech = choose_mechanism(caps.sasl, sasl_creds, allowed, allow_plain)
-        if mech is not None and mech.plaintext and not allow_plain:
-            raise NoMechanismError(f"{mech.name} would send the password in clear without TLS")
-        use_apop = (credentials.password is not None and self.apop_timestamp is not None
-                    and (allowed is None or "APOP" in allowed)
-                    and (mech is None or (mech.plaintext and not self.tls)))
-        if use_apop:
+        how, mech = choose_login(credentials, caps.sasl, user=caps.user, capa=bool(caps.tags),
+                                 stls=caps.stls, apop_timestamp=self.apop_timestamp, tls=self.tls)
+        if mech is not None:
+            yield self.authenticate(mech)
+        elif how == "APOP":
             assert credentials.password is not None
             yield self.apop(credentials.username, credentials.password)
-        elif mech is not None:
-            yield self.authenticate(mech)
-        elif (credentials.password is not None and (allowed is None or "USER" in allowed)
-              and (caps.user or not caps.tags) and allow_plain):
+        else:
+            assert credentials.password is not None
             yield self.user(credentials.username)
             yield self.password(credentials.password)
-        elif credentials.password is not None and not allow_plain and caps.stls and not self.tls:
-            raise NoMechanismError("only plaintext login offered: use STLS or allow plaintext")
-        else:
-            raise NoMechanismError(
-                "no acceptable login method (server offers SASL {}{}{})".format(
-                    " ".join(caps.sasl) or "none", ", USER" if caps.user else "",
-                    ", APOP" if self.apop_timestamp else ""))
         yield self.capabilities()
         return self.mechanism_used
 
