@@ -104,6 +104,17 @@ class MechanismTestCase(unittest.TestCase):
         self.assertIsInstance(result, Failed)
 
 
+class ClientFirst(MechanismTestCase):
+    def test_missing_initial_response_asked_once(self) -> None:
+        """RFC 4422 section 5: no initial response -> one empty challenge; a second miss fails."""
+        for cls in (PlainMechanism, ExternalMechanism, ScramSHA256Mechanism, OAuthBearerMechanism,
+                    XOAuth2Mechanism):
+            mechanism = cls(self.context())
+            self.assertEqual(self.step(mechanism, None), Challenge(b""), cls.name)
+            self.assertFailed(self.step(mechanism, None))
+            self.assertFailed(self.step(mechanism, b"anything"))  # and it stays finished
+
+
 # ---------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------

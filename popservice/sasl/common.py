@@ -14,7 +14,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.logger import Logger
 
 from popservice.auth.credentials import ISASLSecretSource, SCRAMSecret
-from popservice.sasl.base import Authenticated, Failed, SASLContext, SASLStep
+from popservice.sasl.base import Authenticated, Challenge, Failed, SASLContext, SASLStep
 
 log = Logger(namespace="popservice.sasl")
 
@@ -76,6 +76,7 @@ class MechanismBase:
     def __init__(self, context: SASLContext) -> None:
         self.context = context
         self.finished = False
+        self._started = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -90,3 +91,15 @@ class MechanismBase:
 
     def wrong_state(self) -> SASLStep:
         return self.fail("Unexpected response")
+
+    def ask_first(self, response: bytes | None) -> SASLStep | None:
+        """
+        For client-first mechanisms, called at every step: without an initial
+        response the first step asks for the client's message with an empty
+        challenge (RFC 4422 section 5); a missing response later is out of
+        order.  Returns that answer, or None when C{response} is to be read.
+        """
+        first, self._started = not self._started, True
+        if response is not None:
+            return None
+        return Challenge(b"") if first else self.wrong_state()

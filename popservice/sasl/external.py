@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 from zope.interface import implementer
 
-from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
+from popservice.sasl.base import ISASLServerMechanism, SASLStep, Verified
 from popservice.sasl.common import MechanismBase, log, utf8
 
 __all__ = ["ExternalMechanism", "certificate_identity", "to_cryptography"]
@@ -122,18 +122,13 @@ class ExternalMechanism(MechanismBase):
     name = "EXTERNAL"
     plaintext = False
 
-    def __init__(self, context: SASLContext) -> None:
-        super().__init__(context)
-        self._asked = False
-
     def step(self, response: bytes | None) -> SASLStep:
         if self.finished:
             return self.wrong_state()
-        if response is None:
-            if self._asked:
-                return self.wrong_state()
-            self._asked = True
-            return Challenge(b"")
+        early = self.ask_first(response)
+        if early is not None:
+            return early
+        assert response is not None
         authzid = utf8(response)
         if authzid is None:
             return self.fail("Malformed authorization identity")

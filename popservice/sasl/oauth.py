@@ -140,12 +140,11 @@ class _TokenMechanism(MechanismBase):
     def step(self, response: bytes | None) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
         if self.finished:
             return self.wrong_state()
-        if self._stage == 0 and response is None:
-            self._stage = 1
-            return Challenge(b"")
-        if response is None:
-            return self.wrong_state()
-        if self._stage in (0, 1):
+        early = self.ask_first(response)
+        if early is not None:
+            return early
+        assert response is not None
+        if self._stage == 0:
             self._stage = 2
             return self._message(response)
         if self._stage == 3:

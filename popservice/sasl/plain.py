@@ -132,19 +132,13 @@ class PlainMechanism(MechanismBase):
     name = "PLAIN"
     plaintext = True
 
-    def __init__(self, context: SASLContext) -> None:
-        super().__init__(context)
-        self._asked = False
-
     def step(self, response: bytes | None) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
         if self.finished:
             return self.wrong_state()
-        if response is None:
-            if self._asked:
-                return self.wrong_state()
-            # No initial response: an empty challenge asks for the message (RFC 4422 section 5).
-            self._asked = True
-            return Challenge(b"")
+        early = self.ask_first(response)
+        if early is not None:
+            return early
+        assert response is not None
         parts = _split_plain(response)
         if parts is None:
             return self.fail("Malformed PLAIN message")

@@ -76,13 +76,11 @@ class ScramMechanismBase(MechanismBase):
     def step(self, response: bytes | None) -> SASLStep:
         if self.finished:
             return self.wrong_state()
-        if self._stage == 0 and response is None:
-            # Client-first mechanism without an initial response: ask for it.
-            self._stage = 1
-            return Challenge(b"")
-        if response is None:
-            return self.wrong_state()
-        if self._stage in (0, 1):
+        early = self.ask_first(response)
+        if early is not None:
+            return early
+        assert response is not None
+        if self._stage == 0:
             return self._client_first(response)
         if self._stage == 2:
             return self._client_final(response)
