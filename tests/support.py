@@ -92,6 +92,17 @@ class RawClient(protocol.Protocol):
         return (yield self.multi())
 
 
+def recv_line(sock: Any) -> bytes:
+    """One line, CRLF included, from a blocking socket (byte by byte: nothing read past it)."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("closed after %r" % (data,))
+        data += chunk
+    return data
+
+
 def memory_checker(**users: str) -> InMemoryUsernamePasswordDatabaseDontUse:
     return InMemoryUsernamePasswordDatabaseDontUse(**{k: v.encode() for k, v in users.items()})
 

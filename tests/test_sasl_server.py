@@ -31,7 +31,7 @@ from popservice.sasl.server import DEFAULT_MECHANISMS, mechanisms_from_option
 from popservice.server.factory import ServerConfig, makeServer
 from popservice.server.policy import Policy
 from popservice.stores.memory import MemoryStore
-from tests.support import ServerMixin
+from tests.support import ServerMixin, recv_line
 from tests.test_sasl_mechanisms import digest_client
 
 MESSAGE = b"Subject: x\n\nbody\n"
@@ -430,16 +430,6 @@ def write_pem(path: str, key: Any, cert: x509.Certificate) -> None:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def recv_line(sock: Any) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError("closed after %r" % (data,))
-        data += chunk
-    return data[:-2]
-
-
 class External(SASLServerTestCase):
     mechanisms = "EXTERNAL,PLAIN"
 
@@ -474,11 +464,11 @@ class External(SASLServerTestCase):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             recv_line(raw)
             raw.sendall(b"STLS\r\n")
-            out.append(recv_line(raw))
+            out.append(recv_line(raw)[:-2])
             with context.wrap_socket(raw, server_hostname="localhost") as tls:
                 for command in commands:
                     tls.sendall(command + b"\r\n")
-                    out.append(recv_line(tls))
+                    out.append(recv_line(tls)[:-2])
         return out
 
     @defer.inlineCallbacks

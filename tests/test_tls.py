@@ -16,19 +16,9 @@ from popservice.server.policy import Policy
 from popservice.stores.memory import MemoryStore
 from popservice.tap import load_tls_options
 from popservice.tlsutil import make_self_signed
-from tests.support import ServerMixin, make_factory, memory_checker, shutdown
+from tests.support import ServerMixin, make_factory, memory_checker, recv_line, shutdown
 
 MSG = b"Subject: tls\n\nsecret body\n"
-
-
-def recv_line(sock: Any) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError("closed after %r" % (data,))
-        data += chunk
-    return data
 
 
 def recv_multi(sock: Any) -> bytes:
