@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from twisted.cred.credentials import IUsernamePassword
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from popservice.auth.credentials import ISASLSecretSource, SCRAMSecret
@@ -76,7 +77,6 @@ class MechanismBase:
     def __init__(self, context: SASLContext) -> None:
         self.context = context
         self.finished = False
-        self._started = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -92,14 +92,26 @@ class MechanismBase:
     def wrong_state(self) -> SASLStep:
         return self.fail("Unexpected response")
 
-    def ask_first(self, response: bytes | None) -> SASLStep | None:
-        """
-        For client-first mechanisms, called at every step: without an initial
-        response the first step asks for the client's message with an empty
-        challenge (RFC 4422 section 5); a missing response later is out of
-        order.  Returns that answer, or None when C{response} is to be read.
-        """
+
+class ClientFirstMechanism(MechanismBase):
+    """
+    A mechanism whose client speaks first.  Without an initial response the
+    first step asks for the client's message with an empty challenge (RFC 4422
+    section 5); a missing response later, or any step once finished, fails.
+    Subclasses read the client's messages in L{respond}.
+    """
+
+    def __init__(self, context: SASLContext) -> None:
+        super().__init__(context)
+        self._started = False
+
+    def step(self, response: bytes | None) -> SASLStep | Deferred[SASLStep]:
         first, self._started = not self._started, True
-        if response is not None:
-            return None
-        return Challenge(b"") if first else self.wrong_state()
+        if self.finished or (response is None and not first):
+            return self.wrong_state()
+        if response is None:
+            return Challenge(b"")
+        return self.respond(response)
+
+    def respond(self, response: bytes) -> SASLStep | Deferred[SASLStep]:
+        raise NotImplementedError

@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from zope.interface import implementer
 
 from popservice.sasl.base import ISASLServerMechanism, SASLStep, Verified
-from popservice.sasl.common import MechanismBase, log, utf8
+from popservice.sasl.common import ClientFirstMechanism, log, utf8
 
 __all__ = ["ExternalMechanism", "certificate_identity", "to_cryptography"]
 
@@ -116,19 +116,13 @@ def certificate_identity(certificate: Any, mapping: str | IdentityMap | None = "
 
 
 @implementer(ISASLServerMechanism)
-class ExternalMechanism(MechanismBase):
+class ExternalMechanism(ClientFirstMechanism):
     """EXTERNAL: the verified TLS client certificate is the credential."""
 
     name = "EXTERNAL"
     plaintext = False
 
-    def step(self, response: bytes | None) -> SASLStep:
-        if self.finished:
-            return self.wrong_state()
-        early = self.ask_first(response)
-        if early is not None:
-            return early
-        assert response is not None
+    def respond(self, response: bytes) -> SASLStep:
         authzid = utf8(response)
         if authzid is None:
             return self.fail("Malformed authorization identity")

@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from popservice.auth.tokens import ITokenValidator
 from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
-from popservice.sasl.common import MechanismBase, log, utf8
+from popservice.sasl.common import ClientFirstMechanism, log, utf8
 
 __all__ = ["OAuthBearerMechanism", "XOAuth2Mechanism", "parse_oauthbearer", "parse_xoauth2"]
 
@@ -112,7 +112,7 @@ def parse_xoauth2(message: bytes) -> tuple[str, str] | None:
     return None if token is None else (pairs["user"], token)
 
 
-class _TokenMechanism(MechanismBase):
+class _TokenMechanism(ClientFirstMechanism):
     #: A bearer token is a replayable secret: like a password, only over TLS
     #: or from trusted peers (RFC 7628 section 5, RFC 6750 section 5.3).
     plaintext = True
@@ -137,13 +137,7 @@ class _TokenMechanism(MechanismBase):
             fields["openid-configuration"] = str(configuration)
         return fields
 
-    def step(self, response: bytes | None) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
-        if self.finished:
-            return self.wrong_state()
-        early = self.ask_first(response)
-        if early is not None:
-            return early
-        assert response is not None
+    def respond(self, response: bytes) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
         if self._stage == 0:
             self._stage = 2
             return self._message(response)
@@ -195,11 +189,11 @@ class OAuthBearerMechanism(_TokenMechanism):
         fields = {"status": "invalid_token", "schemes": "bearer", **self._error_fields()}
         return json.dumps(fields, separators=(",", ":")).encode("utf-8")
 
-    def step(self, response: bytes | None) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
-        if self._stage == 3 and not self.finished and response is not None and response != b"\x01":
+    def respond(self, response: bytes) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
+        if self._stage == 3 and response != b"\x01":
             # RFC 7628 section 3.2.3: the client must answer the error with %x01.
             return self.fail("Unexpected response")
-        return super().step(response)
+        return super().respond(response)
 
 
 @implementer(ISASLServerMechanism)

@@ -42,7 +42,7 @@ from zope.interface import implementer
 from popservice.auth.chain import CheckerChain
 from popservice.auth.credentials import IMasterUserCredentials, MasterUserCredentials
 from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
-from popservice.sasl.common import MechanismBase, log, password_checkers, utf8
+from popservice.sasl.common import ClientFirstMechanism, MechanismBase, log, password_checkers, utf8
 from popservice.server.login import PlainCredentials
 
 __all__ = ["LoginMechanism", "MasterRule", "MasterUserChecker", "PlainMechanism", "master_rule"]
@@ -126,19 +126,13 @@ def _split_plain(message: bytes) -> tuple[bytes, bytes, bytes] | None:
 
 
 @implementer(ISASLServerMechanism)
-class PlainMechanism(MechanismBase):
+class PlainMechanism(ClientFirstMechanism):
     """PLAIN (RFC 4616): one message, C{authzid NUL authcid NUL password}."""
 
     name = "PLAIN"
     plaintext = True
 
-    def step(self, response: bytes | None) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
-        if self.finished:
-            return self.wrong_state()
-        early = self.ask_first(response)
-        if early is not None:
-            return early
-        assert response is not None
+    def respond(self, response: bytes) -> Union[SASLStep, "defer.Deferred[SASLStep]"]:
         parts = _split_plain(response)
         if parts is None:
             return self.fail("Malformed PLAIN message")

@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from popservice.auth.credentials import SCRAMSecret
 from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
-from popservice.sasl.common import MechanismBase, log, scram_secret, secret_sources
+from popservice.sasl.common import ClientFirstMechanism, log, scram_secret, secret_sources
 
 __all__ = ["ScramMechanismBase", "ScramSHA1Mechanism", "ScramSHA256Mechanism"]
 
@@ -47,7 +47,7 @@ _FAKE_SALT_KEY = secrets.token_bytes(32)
 _FAKE_ITERATIONS = 4096
 
 
-class ScramMechanismBase(MechanismBase):
+class ScramMechanismBase(ClientFirstMechanism):
     """One SCRAM exchange; subclasses set C{name}."""
 
     plaintext = False
@@ -73,13 +73,7 @@ class ScramMechanismBase(MechanismBase):
             return digest[:16], secrets.token_bytes(size), secrets.token_bytes(size), _FAKE_ITERATIONS
         return secret
 
-    def step(self, response: bytes | None) -> SASLStep:
-        if self.finished:
-            return self.wrong_state()
-        early = self.ask_first(response)
-        if early is not None:
-            return early
-        assert response is not None
+    def respond(self, response: bytes) -> SASLStep:
         if self._stage == 0:
             return self._client_first(response)
         if self._stage == 2:
