@@ -525,12 +525,70 @@ class Scram(MechanismTestCase):
         m, client, final = self.exchange(ScramSHA256Mechanism, "alice", "secret")
         self.assertFailed(self.step(m, b"v=junk"))
 
-    def test_authzid_refused(self) -> None:
+    def test_authzid_other_user_refused_without_master_rule(self) -> None:
         m = ScramSHA256Mechanism(self.context())
         self.assertIsInstance(self.step(m, b"n,,n=alice,r=abcdefghijklmnop"), Challenge)
-        for authzid in (b"alice", b"bob"):
-            m = ScramSHA256Mechanism(self.context())
-            self.assertFailed(self.step(m, b"n,a=" + authzid + b",n=alice,r=abcdefghijklmnop"))
+        m = ScramSHA256Mechanism(self.context())
+        failed = self.step(m, b"n,a=bob,n=alice,r=abcdefghijklmnop")
+        self.assertFailed(failed)
+        self.assertEqual(failed.user, "bob")
+        for junk in (b"n,a=,n=alice,r=abc", b"n,x=alice,n=alice,r=abc", b"n,a=al=ice,n=alice,r=abc"):
+            self.assertFailed(self.step(ScramSHA256Mechanism(self.context()), junk))
+
+    def authzid_exchange(self, mech: type, user: str, password: str, authzid: str,
+                         services: dict[str, Any] | None = None) -> tuple[Any, Any]:
+        """A whole exchange with C{a=authzid} in the GS2 header (scramp cannot send one)."""
+        m = mech(self.context(services=services or {}))
+        client = GS2Client(mech.name, user, password, authzid)
+        first = self.step(m, client.first())
+        if not isinstance(first, Challenge):
+            return m, first
+        final = self.step(m, client.final(first.data))
+        if not isinstance(final, Challenge):
+            return m, final
+        client.check(final.data)
+        return m, self.step(m, b"")
+
+    def test_authzid_equal_to_user(self) -> None:
+        """What GNU SASL (NeoMutt) and Cyrus SASL's -u send: n,a=USER,n=USER,..."""
+        for mech, user, password in [(ScramSHA256Mechanism, "alice", "secret"),
+                                     (ScramSHA1Mechanism, "alice", "secret"),
+                                     (ScramSHA256Mechanism, "carol", "carolpw"),
+                                     (ScramSHA1Mechanism, "bob", "bobpw")]:
+            _, result = self.authzid_exchange(mech, user, password, user)
+            self.assertEqual(result, Authenticated(Verified(user, mech.name)), (mech.name, user))
+
+    def test_authzid_equal_to_user_wrong_password(self) -> None:
+        _, result = self.authzid_exchange(ScramSHA256Mechanism, "alice", "wrong", "alice")
+        self.assertFailed(result)
+        self.assertEqual(result.user, "alice")
+
+    def test_authzid_header_must_match_client_final(self) -> None:
+        """The proof covers the GS2 header: c= naming another header than the first one fails."""
+        m = ScramSHA256Mechanism(self.context())
+        client = GS2Client("SCRAM-SHA-256", "alice", "secret", "alice")
+        first = self.step(m, client.first())
+        client.header = "n,,"
+        self.assertFailed(self.step(m, client.final(first.data)))
+
+    def test_master_user_logs_in_as_target(self) -> None:
+        services = {"master_users": {"master"}}
+        for mech in (ScramSHA256Mechanism, ScramSHA1Mechanism):
+            _, result = self.authzid_exchange(mech, "master", "masterpw", "bob", services)
+            self.assertEqual(result, Authenticated(Verified("bob", mech.name)))
+
+    def test_master_rule_refuses_after_the_proof(self) -> None:
+        services = {"master_users": {"master"}}
+        # alice is no master: her right proof still ends in Failed, at the client-final.
+        m = ScramSHA256Mechanism(self.context(services=services))
+        client = GS2Client("SCRAM-SHA-256", "alice", "secret", "bob")
+        first = self.step(m, client.first())
+        self.assertIsInstance(first, Challenge)
+        result = self.step(m, client.final(first.data))
+        self.assertFailed(result)
+        self.assertEqual(result.user, "bob")
+        # The master with a wrong password fails too.
+        self.assertFailed(self.authzid_exchange(ScramSHA256Mechanism, "master", "wrong", "bob", services)[1])
 
     def test_channel_binding_refused(self) -> None:
         m = ScramSHA256Mechanism(self.context())
@@ -539,6 +597,41 @@ class Scram(MechanismTestCase):
     def test_malformed(self) -> None:
         for junk in [b"", b"n,,", b"x,,n=alice,r=abc", b"n,,n=al=ice,r=abc", b"\xff"]:
             self.assertFailed(self.step(ScramSHA256Mechanism(self.context()), junk))
+
+
+class GS2Client:
+    """
+    An independent RFC 5802 client that can put an authzid in the GS2 header
+    (C{scramp}'s client cannot): what GNU SASL and Cyrus SASL send.
+    """
+
+    def __init__(self, mechanism: str, user: str, password: str, authzid: str = "") -> None:
+        self.digest = {"SCRAM-SHA-1": hashlib.sha1, "SCRAM-SHA-256": hashlib.sha256}[mechanism]
+        self.name = self.digest().name
+        self.password = password.encode("utf-8")
+        self.header = "n,a=%s," % (authzid,) if authzid else "n,,"
+        self.bare = "n=%s,r=%s" % (user, base64.b64encode(os.urandom(18)).decode())
+        self.server_signature = b""
+
+    def first(self) -> bytes:
+        return (self.header + self.bare).encode()
+
+    def final(self, server_first: bytes) -> bytes:
+        fields = dict(kv.split("=", 1) for kv in server_first.decode().split(","))
+        salt = base64.b64decode(fields["s"])
+        salted = hashlib.pbkdf2_hmac(self.name, self.password, salt, int(fields["i"]))
+        client_key = hmac.new(salted, b"Client Key", self.digest).digest()
+        without_proof = "c=%s,r=%s" % (base64.b64encode(self.header.encode()).decode(), fields["r"])
+        auth = ("%s,%s,%s" % (self.bare, server_first.decode(), without_proof)).encode()
+        signature = hmac.new(self.digest(client_key).digest(), auth, self.digest).digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        server_key = hmac.new(salted, b"Server Key", self.digest).digest()
+        self.server_signature = hmac.new(server_key, auth, self.digest).digest()
+        return ("%s,p=%s" % (without_proof, base64.b64encode(proof).decode())).encode()
+
+    def check(self, server_final: bytes) -> None:
+        """The server proved it knows the keys (RFC 5802 section 3, ServerSignature)."""
+        assert server_final == b"v=" + base64.b64encode(self.server_signature), server_final
 
 
 class ScramSecrets(MechanismTestCase):

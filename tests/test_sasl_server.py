@@ -32,7 +32,7 @@ from popservice.server.factory import ServerConfig, makeServer
 from popservice.server.policy import Policy
 from popservice.stores.memory import MemoryStore
 from tests.support import ServerMixin, recv_line
-from tests.test_sasl_mechanisms import digest_client
+from tests.test_sasl_mechanisms import GS2Client, digest_client
 
 MESSAGE = b"Subject: x\n\nbody\n"
 SECRET = b"s" * 32
@@ -316,6 +316,78 @@ class Scram(SASLServerTestCase):
         r = yield client.command(b64(b"again"))
         self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
         yield self.assertAlive(client)
+
+    @defer.inlineCallbacks
+    def gs2(self, client: Any, mech: str, user: str, password: str, authzid: str) -> Any:
+        """A SCRAM exchange with C{a=authzid} in the GS2 header, as GNU SASL and Cyrus SASL send it."""
+        c = GS2Client(mech, user, password, authzid)
+        first = yield client.command(b"AUTH " + mech.encode() + b" " + b64(c.first()))
+        if not first.startswith(b"+ "):
+            return first
+        final = yield client.command(b64(c.final(unb64(first))))
+        if not final.startswith(b"+ "):
+            return final
+        c.check(unb64(final))
+        r = yield client.command(b"")
+        return r
+
+    def record_events(self) -> list[tuple[str, dict[str, Any]]]:
+        events: list[tuple[str, dict[str, Any]]] = []
+
+        class Recorder:
+            def event(self, name: str, session: object, **fields: Any) -> None:
+                events.append((name, fields))
+
+        self.factory.observer = Recorder()
+        return events
+
+    @defer.inlineCallbacks
+    def test_authzid_equal_to_user(self) -> Any:
+        """NeoMutt's default login (GNU SASL): n,a=USER,n=USER,... succeeds, no failed login logged."""
+        self.start()
+        events = self.record_events()
+        for mech, user, password, count in [("SCRAM-SHA-256", "alice", "secret", 1),
+                                            ("SCRAM-SHA-1", "bob", "bobpw", 2)]:
+            client = yield self.connect()
+            r = yield self.gs2(client, mech, user, password, user)
+            self.assertEqual(r, b"+OK Logged in, %d messages" % (count,))
+        self.assertNotIn("login_failed", [name for name, _ in events])
+        self.assertEqual([f["method"] for name, f in events if name == "login"],
+                         ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+
+    @defer.inlineCallbacks
+    def test_authzid_other_user_refused(self) -> Any:
+        """Another user's name as authzid: -ERR [AUTH], the attempted name logged, the session lives."""
+        self.start()
+        events = self.record_events()
+        client = yield self.connect()
+        r = yield self.gs2(client, "SCRAM-SHA-256", "alice", "secret", "bob")
+        self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
+        failed = [f for name, f in events if name == "login_failed"]
+        self.assertEqual([(f["attempted"], f["method"]) for f in failed], [("bob", "SCRAM-SHA-256")])
+        yield self.assertAlive(client)
+
+    @defer.inlineCallbacks
+    def test_failed_scram_logs_attempted_user(self) -> Any:
+        self.start()
+        events = self.record_events()
+        client = yield self.connect()
+        r = yield self.gs2(client, "SCRAM-SHA-256", "alice", "wrong", "alice")
+        self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
+        failed = [f for name, f in events if name == "login_failed"]
+        self.assertEqual([f["attempted"] for f in failed], ["alice"])
+
+    @defer.inlineCallbacks
+    def test_master_user_authzid(self) -> Any:
+        """The master-user rule applies as for PLAIN: master proves its keys, the session is bob's."""
+        self.start()
+        client = yield self.connect()
+        r = yield self.gs2(client, "SCRAM-SHA-256", "master", "masterpw", "bob")
+        self.assertEqual(r, b"+OK Logged in, 2 messages")
+        self.services["master_users"] = set()
+        client = yield self.connect()
+        r = yield self.gs2(client, "SCRAM-SHA-1", "master", "masterpw", "bob")
+        self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
 
     @defer.inlineCallbacks
     def test_own_client(self) -> Any:

@@ -9,7 +9,7 @@ import socket
 import ssl
 from typing import Any
 
-from twisted.internet import defer, endpoints, reactor, threads
+from twisted.internet import defer, endpoints, reactor, task, threads
 from twisted.trial import unittest
 
 from popservice.server.policy import Policy
@@ -171,6 +171,118 @@ class ServerClosesAfterQuit(TLSTestCase):
         port = self.start()
         answer = yield self.blocking(self.quit_and_wait_eof, port, True)
         self.assertTrue(answer.startswith(b"+OK"))
+
+
+class ServerGoneAfterQuit(TLSTestCase):
+    """
+    Regression (NeoMutt): after QUIT over TLS the client reads +OK, sends its
+    close_notify (or not) and closes; the server kept its socket in CLOSE-WAIT
+    until the login or idle timer fired, because a closing connection stopped
+    reading and TLS never saw the peer's close_notify or EOF.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, factory: Any) -> Any:
+        events = self.events
+
+        class Recorder:
+            def event(self, name: str, session: object, **fields: Any) -> None:
+                events.append((name, fields))
+
+        factory.observer = Recorder()
+        return factory
+
+    def listen_implicit(self, **config: Any) -> Any:
+        factory = self.record(make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy,
+                                           **config))
+        endpoint = endpoints.serverFromString(
+            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
+        d = endpoint.listen(factory)
+
+        def listening(port: Any) -> int:
+            self.addCleanup(shutdown, port, factory)
+            self.factory = factory
+            return int(port.getHost().port)
+
+        return d.addCallback(listening)
+
+    def client(self, port: int, stls: bool, login: bool, close_notify: bool | None,
+               held: list[Any] | None = None) -> bytes:
+        """QUIT, read +OK Bye, then send close_notify (or not) and close (or hold the socket)."""
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if stls:
+            recv_line(raw)
+            raw.sendall(b"STLS\r\n")
+            recv_line(raw)
+        tls = self.context.wrap_socket(raw, server_hostname="localhost")
+        if not stls:
+            recv_line(tls)
+        if login:
+            tls.sendall(b"USER alice\r\nPASS secret\r\n")
+            recv_line(tls)
+            recv_line(tls)
+        tls.sendall(b"QUIT\r\n")
+        answer = recv_line(tls)
+        if close_notify is None:
+            assert held is not None
+            held.append(tls)  # a peer that neither answers the close_notify nor closes
+        elif close_notify:
+            tls.unwrap().close()
+        else:
+            tls.close()  # Python's close sends no close_notify: only the FIN
+        return answer
+
+    @defer.inlineCallbacks
+    def logout_after(self, seconds: float) -> Any:
+        """The logout event, waiting at most C{seconds} of real time for it."""
+        for _ in range(int(seconds / 0.01)):
+            logout = [f for name, f in self.events if name == "logout"]
+            if logout and not self.factory.connections:
+                return logout[0]
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.fail("the server still holds the connection %.1f s after QUIT: %r"
+                  % (seconds, [n for n, _ in self.events]))
+
+    @defer.inlineCallbacks
+    def check(self, port: int, stls: bool) -> Any:
+        for login in (False, True):
+            for close_notify in (True, False):
+                del self.events[:]
+                answer = yield self.blocking(self.client, port, stls, login, close_notify)
+                self.assertTrue(answer.startswith(b"+OK"), answer)
+                # The idle (600 s) and login (60 s) timers would end it otherwise.
+                logout = yield self.logout_after(1.0)
+                self.assertEqual(logout["reason"], "quit", (stls, login, close_notify))
+
+    @defer.inlineCallbacks
+    def test_stls(self) -> Any:
+        port = self.start()
+        self.record(self.factory)
+        yield self.check(port, stls=True)
+
+    @defer.inlineCallbacks
+    def test_implicit_tls(self) -> Any:
+        port = yield self.listen_implicit()
+        yield self.check(port, stls=False)
+
+    @defer.inlineCallbacks
+    def test_peer_that_never_closes_is_aborted_after_the_grace(self) -> Any:
+        from popservice.server.protocol import CLOSE_GRACE
+
+        clock = task.Clock()
+        port = yield self.listen_implicit(clock=clock)
+        held: list[Any] = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        answer = yield self.blocking(self.client, port, False, True, None, held)
+        self.assertTrue(answer.startswith(b"+OK"), answer)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(self.factory.connections), 1)  # still waiting for the peer's close
+        clock.advance(CLOSE_GRACE)
+        logout = yield self.logout_after(5.0)
+        self.assertEqual(logout["reason"], "quit")
 
 
 class PlaintextPolicy(TLSTestCase):

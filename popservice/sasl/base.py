@@ -44,6 +44,8 @@ class Failed:
 
     reason: str = "Authentication failed"
     code: str = "AUTH"
+    #: the user name the client tried, when the mechanism learnt one (for the log)
+    user: str | None = None
 
 
 SASLStep = Union[Challenge, Authenticated, Failed]

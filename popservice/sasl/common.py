@@ -81,9 +81,9 @@ class MechanismBase:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
-    def fail(self, reason: str = "Authentication failed") -> Failed:
+    def fail(self, reason: str = "Authentication failed", user: str | None = None) -> Failed:
         self.finished = True
-        return Failed(reason)
+        return Failed(reason, user=user)
 
     def succeed(self, credentials: Any) -> Authenticated:
         self.finished = True

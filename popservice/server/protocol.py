@@ -76,6 +76,11 @@ _LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS"})
 #: RFC 1939 section 3: the autologout timer is at least 10 minutes once logged in.
 MIN_TRANSACTION_TIMEOUT = 600.0
 
+#: Once the server closes (QUIT, errors), the peer has this long to read the
+#: last answer and close its side (a TLS peer: send its close_notify or EOF);
+#: then the connection is aborted, so none lingers in CLOSE-WAIT.
+CLOSE_GRACE = 10.0
+
 
 @dataclass
 class _Body:
@@ -134,6 +139,7 @@ class POP3ServerProtocol(Protocol):
         self._turn_call: IDelayedCall | None = None
         self._idle_call: IDelayedCall | None = None
         self._login_call: IDelayedCall | None = None
+        self._close_call: IDelayedCall | None = None
         self._last_activity = 0.0
         self._sasl: ISASLServerMechanism | None = None
         self._sasl_pending = False
@@ -209,7 +215,8 @@ class POP3ServerProtocol(Protocol):
         if self._rejected:
             return
         self.factory.peers.disconnected(self.peer_host or "")
-        for call in (self._turn_call, self._idle_call, self._login_call, self._handshake_call):
+        for call in (self._turn_call, self._idle_call, self._login_call, self._handshake_call,
+                     self._close_call):
             if call is not None and call.active():
                 call.cancel()
         if self._body is not None:
@@ -247,7 +254,7 @@ class POP3ServerProtocol(Protocol):
         d.addErrback(lambda f: self.log.failure("closing mailbox failed", f))
         return d
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str, grace: float = CLOSE_GRACE) -> None:
         self.end_reason = reason
         self._closing = True
         transport: Any = self.transport
@@ -255,6 +262,17 @@ class POP3ServerProtocol(Protocol):
         # (what is already written is still flushed).
         transport.unregisterProducer()
         transport.loseConnection()
+        # Keep reading (dataReceived discards) until the connection is gone:
+        # TLS finishes closing only once it has read the peer's close_notify
+        # or EOF, and a paused reader would leave the socket in CLOSE-WAIT.
+        self._update_reading()
+        if self._close_call is None and not self._closed:
+            self._close_call = self.factory.clock.callLater(grace, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        if not self._closed:
+            transport: Any = self.transport
+            transport.abortConnection()
 
     # SessionHandle, for the registry's takeover of idle sessions
     def idle_seconds(self) -> float:
@@ -324,9 +342,7 @@ class POP3ServerProtocol(Protocol):
 
     def _abort_soon(self, reason: str) -> None:
         """Close; if the peer does not read the last words within 5 s, abort."""
-        self._close(reason)
-        transport: Any = self.transport
-        self.factory.clock.callLater(5, lambda: None if self._closed else transport.abortConnection())
+        self._close(reason, grace=5.0)
 
     # ------------------------------------------------------------------
     # Flow control (IPushProducer towards the transport)
@@ -349,7 +365,8 @@ class POP3ServerProtocol(Protocol):
         if self._closed:
             return
         high = max(self.input_high_water, self.reader.max_length + 2)
-        want = not self._closing and self.reader.buffered < high
+        # A closing connection reads on (discarding) until it is gone.
+        want = self._closing or self.reader.buffered < high
         if want != self._reading:
             self._reading = want
             transport: Any = self.transport
@@ -598,7 +615,7 @@ class POP3ServerProtocol(Protocol):
                 username = username.encode("utf-8")
             self._login(result.credentials, username, via=name)
             return
-        self._login_failed(Failure(UnauthorizedLogin(result.reason)), "", via=name)
+        self._login_failed(Failure(UnauthorizedLogin(result.reason)), result.user or "", via=name)
 
     def _sasl_error(self, failure: Failure) -> None:
         self.log.failure("SASL mechanism failed", failure)
