@@ -268,6 +268,27 @@ class ServerGoneAfterQuit(TLSTestCase):
         port = yield self.listen_implicit()
         yield self.check(port, stls=False)
 
+    def plain_client(self, port: int, login: bool) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            recv_line(raw)
+            if login:
+                raw.sendall(b"USER alice\r\nPASS secret\r\n")
+                recv_line(raw)
+                recv_line(raw)
+            raw.sendall(b"QUIT\r\n")
+            return recv_line(raw)
+
+    @defer.inlineCallbacks
+    def test_plain_tcp(self) -> Any:
+        port = self.start()
+        self.record(self.factory)
+        for login in (False, True):
+            del self.events[:]
+            answer = yield self.blocking(self.plain_client, port, login)
+            self.assertTrue(answer.startswith(b"+OK"), answer)
+            logout = yield self.logout_after(1.0)
+            self.assertEqual(logout["reason"], "quit")
+
     @defer.inlineCallbacks
     def test_peer_that_never_closes_is_aborted_after_the_grace(self) -> Any:
         from popservice.server.protocol import CLOSE_GRACE
