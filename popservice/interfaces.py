@@ -4,21 +4,22 @@ The seams of popservice, as zope interfaces, and nothing else.
 Every call that may touch a disk or a database returns a Deferred, so a
 store backed by PostgreSQL (or anything slow) never blocks the reactor.
 
-The value types of the SASL seam (Challenge, Authenticated, Failed,
-SASLContext) live in L{popservice.sasl.base}.
+Beside each seam stand the plain values that cross it (L{MessageInfo}; the
+answers of a SASL step: L{Challenge}, L{Authenticated}, L{Failed}), so that
+both sides can name them without importing each other.  The SASL context and
+the mechanism helpers live in L{popservice.sasl.base}.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
+from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-
-    from popservice.sasl.base import SASLStep
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,34 @@ class IExpiringMailbox(IMailbox):
         C{now}, from the store and from this session's listing (call it before
         L{listing}); fires with how many went.
         """
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Send C{data} to the client as C{+ base64(data)} and wait for its answer."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The exchange is complete: log in with these credentials."""
+
+    credentials: ICredentials
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The exchange failed; C{reason} is a fixed text (never client bytes)."""
+
+    reason: str = "Authentication failed"
+    code: str = "AUTH"
+    #: the user name the client tried, when the mechanism learnt one (for the log)
+    user: str | None = None
+
+
+#: What one step of a SASL exchange answers.
+SASLStep = Union[Challenge, Authenticated, Failed]
 
 
 class ISASLServerMechanism(Interface):

@@ -146,6 +146,31 @@ class IHMACMD5ContextCredentials(Interface):  # type: ignore[misc,unused-ignore]
         """
 
 
+@implementer(IUsernamePassword)
+class PlainCredentials:
+    """
+    A user name and password as the client sent them (USER/PASS, SASL PLAIN
+    and LOGIN); the checker compares the password in constant time.
+    """
+
+    def __init__(self, username: bytes, password: bytes) -> None:
+        self.username = username
+        self.password = password
+
+    def __repr__(self) -> str:
+        return f"PlainCredentials(username={self.username!r}, password=<hidden>)"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PlainCredentials):
+            return NotImplemented
+        return self.username == other.username and hmac.compare_digest(self.password, other.password)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def checkPassword(self, password: bytes) -> bool:
+        return hmac.compare_digest(self.password, password)
+
+
 @implementer(IUsernameHashedPassword)
 class APOPCredentials:
     """

@@ -12,43 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, implementer
 
-from popservice.interfaces import ISASLServerMechanism
+from popservice.interfaces import Authenticated, Challenge, Failed, ISASLServerMechanism, SASLStep
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """Send C{data} to the client as C{+ base64(data)} and wait for its answer."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Authenticated:
-    """The exchange is complete: log in with these credentials."""
-
-    credentials: ICredentials
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The exchange failed; C{reason} is a fixed text (never client bytes)."""
-
-    reason: str = "Authentication failed"
-    code: str = "AUTH"
-    #: the user name the client tried, when the mechanism learnt one (for the log)
-    user: str | None = None
-
-
-SASLStep = Union[Challenge, Authenticated, Failed]
 
 
 @dataclass

@@ -40,10 +40,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from popservice.auth.chain import CheckerChain
-from popservice.auth.credentials import IMasterUserCredentials, MasterUserCredentials
+from popservice.auth.credentials import IMasterUserCredentials, MasterUserCredentials, PlainCredentials
 from popservice.sasl.base import Challenge, ISASLServerMechanism, SASLContext, SASLStep, Verified
 from popservice.sasl.common import ClientFirstMechanism, MechanismBase, log, password_checkers, utf8
-from popservice.server.login import PlainCredentials
 
 __all__ = ["LoginMechanism", "MasterRule", "MasterUserChecker", "PlainMechanism", "master_rule"]
 

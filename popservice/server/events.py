@@ -6,6 +6,7 @@ structured C{twisted.logger} events; metrics exporters add observers beside it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -44,3 +45,19 @@ class Observers:
                 observer.event(name, session, **fields)
             except Exception:
                 self.log.failure("session observer {observer!r} failed", observer=observer)
+
+
+def session_summary(session: Any) -> dict[str, int]:
+    """
+    The counts of the logout event (messages, size, RETR/TOP counts and bytes,
+    deletions) of a L{popservice.server.session.MailboxSession}, or zeros
+    before login.
+    """
+    if session is None:
+        return dict.fromkeys(("messages", "size", "retr", "retr_bytes", "top", "top_bytes", "deleted",
+                              "deleted_bytes"), 0)
+    stats = session.stats
+    return {"messages": len(session.listing), "size": sum(m.size for m in session.listing),
+            "retr": stats.retr, "retr_bytes": stats.retr_bytes,
+            "top": stats.top, "top_bytes": stats.top_bytes,
+            "deleted": stats.deleted, "deleted_bytes": stats.deleted_bytes}

@@ -7,9 +7,7 @@ Twisted application.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -17,34 +15,14 @@ from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 
-from popservice import __version__
 from popservice.auth.chain import CheckerChain, chain_checkers
 from popservice.interfaces import IMailStore, ISessionObserver, IUserDirectory
-from popservice.sasl.base import MechanismFactory, VerifiedChecker
+from popservice.sasl.base import VerifiedChecker
+from popservice.server.config import ServerConfig
 from popservice.server.events import LogObserver
-from popservice.server.policy import PeerTracker, Policy
+from popservice.server.policy import PeerTracker
 from popservice.server.protocol import POP3ServerProtocol
 from popservice.server.realm import MailRealm, SessionRegistry
-
-
-@dataclass
-class ServerConfig:
-    #: the name in the greeting's APOP timestamp
-    hostname: str = field(default_factory=socket.gethostname)
-    #: idle timeout in seconds (at least 600 once logged in, RFC 1939 section 3)
-    timeout: float = 600.0
-    #: a login must complete within this many seconds of connecting (0: no limit)
-    login_timeout: float = 60.0
-    #: context factory for STLS (e.g. twisted.internet.ssl.CertificateOptions); None: no STLS
-    tls_context: Any = None
-    #: offer APOP (a timestamp in the greeting) where plaintext logins are allowed
-    apop: bool = True
-    policy: Policy = field(default_factory=Policy)
-    implementation: str = "popservice " + __version__
-    #: SASL mechanisms offered by AUTH, by name, in order of preference
-    sasl: dict[str, MechanismFactory] = field(default_factory=dict)
-    #: services SASL mechanisms may use (token validators, master-user rules)
-    sasl_services: dict[str, Any] = field(default_factory=dict)
 
 
 class POP3ServerFactory(ServerFactory):
@@ -120,3 +98,6 @@ def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
     registry = SessionRegistry(grace=lock_grace, enabled=exclusive, max_sessions=max_sessions)
     portal = Portal(MailRealm(store, directory, registry), portal_checkers)
     return POP3ServerFactory(portal, config, observer=observer, registry=registry, clock=clock)
+
+
+__all__ = ["POP3ServerFactory", "ServerConfig", "makeServer"]

@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Union
 
+from popservice import wire
+
 Replacement = Union[str, Callable[["re.Match[str]"], str]]
 
 #: Language tag -> (description, exact texts, patterns)
@@ -117,3 +119,17 @@ def choose(tag: str) -> "str | None":
         return tag
     primary = tag.split("-", 1)[0]
     return primary if primary in LANGUAGES else None
+
+
+def lang_response(argument: "str | None", current: str) -> "tuple[bytes, str]":
+    """
+    RFC 6856 section 4, LANG [tag]: the answer, and the session's language
+    after it (C{current} unless a known language was chosen).
+    """
+    if argument is None:
+        return (wire.multiline(wire.ok("Language listing follows"),
+                               [("%s %s" % item).encode("utf-8") for item in LANGUAGES.items()]), current)
+    language = choose(argument)
+    if language is None:
+        return wire.err("Unknown language"), current
+    return wire.ok("%s %s" % (language, translate("Language changed", language))), language

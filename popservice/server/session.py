@@ -3,7 +3,7 @@ TRANSACTION and UPDATE (RFC 1939 sections 5 and 6): the frozen message list,
 deletion marks, and the deletions done at QUIT.
 
 Nothing here can be reached before a successful login: a L{MailboxSession} is
-only made from an opened mailbox.
+only made from an opened mailbox (L{popservice.server.transaction}).
 """
 
 from __future__ import annotations
@@ -117,3 +117,4 @@ class MailboxSession:
 
         d: defer.Deferred[list[int]] = defer.maybeDeferred(self.mailbox.delete, indices)
         return d.addCallback(done)
+

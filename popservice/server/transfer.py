@@ -1,0 +1,128 @@
+"""
+RETR and TOP bodies (RFC 1939 sections 5 and 7) streamed from the store: one
+chunk read at a time, byte-stuffed and given CRLF line ends by
+L{wire.BodyEncoder} (correct across chunk boundaries), cut after the header and
+C{n} body lines by L{wire.TopFilter}.  The shell asks for the next chunk only
+while the transport wants more (its producer is not paused), so a client that
+does not read costs one chunk of memory, not the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from popservice import wire
+from popservice.interfaces import IMessageStream, MessageGone
+from popservice.server.session import MailboxSession
+from popservice.server.shell import Shell
+
+
+class MessageTransfer:
+    """One message body on its way to the client (RETR, or TOP with C{lines})."""
+
+    log = Logger()
+
+    def __init__(self, shell: Shell, session: MailboxSession, stream: IMessageStream, index: int,
+                 lines: int | None) -> None:
+        self.shell = shell
+        self.session = session
+        self.stream = stream
+        self.index = index
+        self.encoder = wire.BodyEncoder()
+        self.top = wire.TopFilter(lines) if lines is not None else None
+        #: a read from the store is under way
+        self.waiting = False
+        #: octets sent, the final dot line included
+        self.sent = 0
+        self.finished = False
+
+    def pump(self) -> None:
+        """Read one chunk from the store and send it; the shell calls again for the next."""
+        self.waiting = True
+        synchronous = True
+
+        def got(data: Union[bytes, Failure]) -> None:
+            self.waiting = False
+            self._chunk(data)
+            if not synchronous:
+                self.shell.proceed()
+
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.stream.read)
+        d.addBoth(got)
+        synchronous = False
+
+    def abandon(self) -> None:
+        """The connection went away mid-transfer."""
+        self.finished = True
+        self.stream.close()
+
+    def _chunk(self, data: Union[bytes, Failure]) -> None:
+        if self.finished or self.shell.closed:
+            return
+        if isinstance(data, Failure):
+            self.log.failure("reading a message failed mid-transfer", data)
+            self.abandon()
+            # The +OK is out; the only honest signal left is closing.
+            self.shell.close("message read error")
+            return
+        done = not data
+        if data:
+            if self.top is not None:
+                data = self.top.feed(data)
+                done = self.top.done
+            out = self.encoder.encode(data)
+            self.sent += len(out)
+            self.shell.write(out)
+        if done:
+            tail = self.encoder.finish()
+            self.sent += len(tail)
+            self.shell.write(tail)
+            self.stream.close()
+            self.finished = True
+            stats = self.session.stats
+            if self.top is None:
+                stats.retr_bytes += self.sent
+                self.session.retrieved.add(self.index)
+            else:
+                stats.top_bytes += self.sent
+            self.shell.touch()
+
+
+def send_message(shell: Shell, session: MailboxSession, number: int, lines: int | None) -> bytes | None:
+    """RETR msg (C{lines} None) or TOP msg lines: the C{+OK} line, then the body through a transfer."""
+    index = session.message(number)
+    if isinstance(index, bytes):
+        return index
+    shell.wait()
+    d: defer.Deferred[Any] = defer.maybeDeferred(session.mailbox.open, index)
+
+    def opened(stream: IMessageStream) -> None:
+        if shell.closed:
+            stream.close()
+            return
+        size = session.listing[index].size
+        if lines is None:
+            session.stats.retr += 1
+            shell.reply(wire.ok("%d octets" % (size,)))
+        else:
+            session.stats.top += 1
+            shell.reply(wire.ok("Top of message follows"))
+        shell.send_body(MessageTransfer(shell, session, stream, index, lines))
+        shell.proceed()
+
+    def failed(failure: Failure) -> None:
+        if failure.check(MessageGone):
+            MessageTransfer.log.warn("message {n} of {user} is gone", n=number, user=shell.user)
+            shell.reply(wire.err("Message is no longer available", "SYS/TEMP"))
+        else:
+            MessageTransfer.log.failure("opening message {n} of {user} failed", failure, n=number,
+                                        user=shell.user)
+            shell.reply(wire.err("Cannot read message", "SYS/TEMP"))
+        shell.proceed()
+
+    d.addCallbacks(opened, failed)
+    return None
