@@ -35,6 +35,9 @@ from popservice.stores.maildir import (
     message_sort_key,
     valid_user_name,
 )
+from popservice.stores.maildir import cache as maildir_cache
+from popservice.stores.maildir import scan as maildir_scan
+from popservice.stores.maildir import store as maildir_store
 from popservice.wire import transmitted_size
 
 UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
@@ -86,7 +89,7 @@ class MaildirTestCase(unittest.TestCase):
             os.makedirs(os.path.join(self.box, sub))
         # a cache of this test's own that keeps even the smallest Maildir, so
         # that every test also runs the warm path through it
-        self.patch(maildir, "_listing_cache", maildir._ListingCache(maildir.LISTING_CACHE_MESSAGES, 1))
+        self.patch(maildir_cache, "_listing_cache", maildir._ListingCache(maildir.LISTING_CACHE_MESSAGES, 1))
 
     async def open(self, store: MaildirStore | None = None, user: str = "alice",
                    home: str | None = None) -> MaildirMailbox:
@@ -261,7 +264,7 @@ class UIDLTests(MaildirTestCase):
         def fail(path: str, index: object) -> None:
             raise OSError(28, "No space left on device")
 
-        self.patch(maildir, "_write_index", fail)
+        self.patch(maildir_scan, "_write_index", fail)
         listing = await self.session_listing()
         self.assertEqual([m.uid for m in listing], [first[0].uid])
 
@@ -378,10 +381,10 @@ class TakeoverTests(MaildirTestCase):
                 raise PermissionError(13, "Permission denied", path)
             return real(path)
 
-        self.patch(maildir, "compute_size", unreadable)
+        self.patch(maildir_scan, "compute_size", unreadable)
         self.assertEqual([m.uid for m in await self.session_listing()], [f"{2:08x}{1000:08x}"])
         os.unlink(os.path.join(self.box, "dovecot-uidlist"))
-        self.patch(maildir, "compute_size", real)
+        self.patch(maildir_scan, "compute_size", real)
         listing = await self.session_listing()
         self.assertEqual([m.uid for m in listing], [f"{1:08x}{1000:08x}", f"{2:08x}{1000:08x}"])
         self.assertEqual([m.size for m in listing], [3, 3])
@@ -446,7 +449,7 @@ class SizeTests(MaildirTestCase):
             opened.append(os.path.basename(path))
             return real(path)
 
-        self.patch(maildir, "compute_size", counting)
+        self.patch(maildir_scan, "compute_size", counting)
         listing = await self.session_listing()
         self.assertEqual([m.size for m in listing], [999, 12, 3])
         self.assertEqual(opened, ["1700000002.c.host,W=1x:2,"])
@@ -586,7 +589,7 @@ class DeleteTests(MaildirTestCase):
                 raise PermissionError(13, "Permission denied", path)
             real_unlink(path, *args, **kwargs)
 
-        self.patch(maildir.os, "unlink", unlink)
+        self.patch(os, "unlink", unlink)
         self.assertEqual(await mbox.delete([0, 1, 2, 7]), [1, 7])
         self.assertEqual(os.listdir(os.path.join(self.box, "cur")), ["1700000001.m1.host:2,"])
 
@@ -672,12 +675,12 @@ class PathTests(MaildirTestCase):
                 raise PermissionError(13, "Permission denied", path)
             return real(path)
 
-        self.patch(maildir, "compute_size", unreadable)
+        self.patch(maildir_scan, "compute_size", unreadable)
         logs = LogCapture(self)
         listing = await self.session_listing()
         self.assertEqual([m.size for m in listing], [5])
         self.assertTrue(any("unreadable" in t for t in logs.texts()))
-        self.patch(maildir, "compute_size", real)
+        self.patch(maildir_scan, "compute_size", real)
         listing2 = await self.session_listing()
         self.assertEqual(len(listing2), 2)
         self.assertEqual(listing2[1].uid, listing[0].uid)
@@ -722,11 +725,11 @@ class LockingTests(MaildirTestCase):
         def broken(path: str, fmt: object) -> None:
             raise RuntimeError("bug in the scanner")
 
-        self.patch(maildir, "scan_maildir", broken)
+        self.patch(maildir_store, "scan_maildir", broken)
         with self.assertRaises(MailboxUnavailable):
             await self.store.open_mailbox("alice", None)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.patch(maildir, "scan_maildir", self._real_scan)
+        self.patch(maildir_store, "scan_maildir", self._real_scan)
         mbox = await self.open()
         await mbox.close()
 
@@ -735,7 +738,7 @@ class LockingTests(MaildirTestCase):
         def broken(path: str, fmt: object) -> None:
             raise OSError(5, "Input/output error")
 
-        self.patch(maildir, "scan_maildir", broken)
+        self.patch(maildir_store, "scan_maildir", broken)
         with self.assertRaises(MailboxUnavailable):
             await self.store.open_mailbox("alice", None)
 
@@ -895,7 +898,7 @@ class FastPathTests(MaildirTestCase):
             def __exit__(self, *exc: object) -> None:
                 self._it.close()
 
-        self.patch(maildir.os, "scandir", Listing)
+        self.patch(os, "scandir", Listing)
         listing = await self.session_listing()
         self.assertEqual([m.size for m in listing], [5])
 

@@ -1,0 +1,160 @@
+"""
+The Maildir mail store (L{IMailStore}): Maildir path templates (C{%u},
+C{~} for the home directory, C{%%}), the strict check of a user name before
+it is put into a path, the session lock (an exclusive C{flock} on
+C{popservice.lock}, see L{popservice.stores.lock}) and opening a mailbox
+(create the Maildir, lock it, scan it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popservice.interfaces import IMailbox, IMailboxLock, IMailStore, MailboxUnavailable
+from popservice.stores.lock import LOCK_FILE_NAME, FcntlMailboxLock
+from popservice.stores.maildir.importers import DEFAULT_DOVECOT_UIDL_FORMAT, DovecotUIDLFormat
+from popservice.stores.maildir.layout import ensure_maildir
+from popservice.stores.maildir.mailbox import MaildirMailbox, _translate
+from popservice.stores.maildir.scan import scan_maildir
+
+__all__ = ["MaildirStore", "valid_user_name"]
+
+log = Logger(namespace="popservice.stores.maildir")
+
+_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+
+
+def valid_user_name(user: str) -> bool:
+    """May C{user} be substituted into a path?  Strict: no C{/}, no C{..}, no NUL."""
+    return bool(_USER_RE.match(user)) and ".." not in user
+
+
+@implementer(IMailStore)
+class MaildirStore:
+    """
+    Maildirs located by a template: C{/srv/mail/%u}, C{~/Maildir} (C{~} is the
+    C{home} given to L{open_mailbox}), C{%%} for a literal C{%}.
+
+    @param lock_policy: C{"exclusive"} (an L{FcntlMailboxLock} on
+        C{popservice.lock} in the Maildir for the whole session) or C{"none"}.
+    @param dovecot_uidl_format: Dovecot's C{pop3_uidl_format} of the server
+        being replaced, used to take its UIDLs over from C{dovecot-uidlist}.
+    @param lock_factory: makes the session lock from the Maildir path when
+        C{lock_policy} is C{"exclusive"} (default: L{FcntlMailboxLock} on
+        C{<maildir>/popservice.lock}).
+    """
+
+    def __init__(
+        self,
+        template: str,
+        *,
+        lock_policy: str = "exclusive",
+        dovecot_uidl_format: str = DEFAULT_DOVECOT_UIDL_FORMAT,
+        lock_factory: Callable[[str], IMailboxLock] | None = None,
+    ) -> None:
+        if lock_policy not in ("exclusive", "none"):
+            raise ValueError(f"lock_policy must be 'exclusive' or 'none', not {lock_policy!r}")
+        self._check_template(template)
+        self.template = template
+        self.lock_policy = lock_policy
+        self.uidl_format = DovecotUIDLFormat(dovecot_uidl_format)
+        self._lock_factory = lock_factory
+
+    @classmethod
+    def from_description(cls, description: str, **kwargs: object) -> "MaildirStore":
+        """
+        A store from a C{maildir:<template>} description, e.g.
+        C{maildir:/srv/mail/%u} or C{maildir:~/Maildir}.  Keyword arguments
+        are passed to the constructor.
+        """
+        kind, sep, template = description.partition(":")
+        if not sep or kind != "maildir":
+            raise ValueError(
+                "mail store description must look like 'maildir:/srv/mail/%u' or "
+                f"'maildir:~/Maildir', not {description!r}")
+        if ":" in template:
+            raise ValueError(f"maildir options (':KEY=value') are not supported in {description!r}")
+        return cls(template, **kwargs)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _check_template(template: str) -> None:
+        if not template or "\x00" in template:
+            raise ValueError("empty or invalid Maildir template")
+        if not (template.startswith("/") or template == "~" or template.startswith("~/")):
+            raise ValueError(f"Maildir template must be absolute or start with '~/': {template!r}")
+        rest = re.sub(r"%[%u]", "", template)
+        if "%" in rest:
+            raise ValueError(f"Maildir template supports only %u and %%: {template!r}")
+
+    def maildir_path(self, user: str, home: str | None) -> str:
+        """The Maildir of C{user}; L{MailboxUnavailable} when it cannot be formed safely."""
+        template = self.template
+        if "%u" in template.replace("%%", "") and not valid_user_name(user):
+            log.warn("refusing to form a Maildir path from user name {user!r}", user=user[:80])
+            raise MailboxUnavailable("invalid user name for a mailbox path")
+        out = []
+        i = 0
+        while i < len(template):
+            c = template[i]
+            if c == "%" and template[i + 1:i + 2] == "u":
+                out.append(user)
+                i += 2
+            elif c == "%" and template[i + 1:i + 2] == "%":
+                out.append("%")
+                i += 2
+            else:
+                out.append(c)
+                i += 1
+        path = "".join(out)
+        if template.startswith("~"):
+            if not home or "\x00" in home or not os.path.isabs(home):
+                raise MailboxUnavailable("no home directory for a '~' Maildir template")
+            path = home.rstrip("/") + path[1:] if home != "/" else path[1:] or "/"
+        return path
+
+    def _make_lock(self, path: str) -> IMailboxLock | None:
+        if self.lock_policy == "none":
+            return None
+        if self._lock_factory is not None:
+            return self._lock_factory(path)
+        return FcntlMailboxLock(os.path.join(path, LOCK_FILE_NAME))
+
+    def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[IMailbox]":
+        """
+        Deferred firing with the locked, scanned L{MaildirMailbox} of C{user};
+        failing with L{MailboxInUse} or L{MailboxUnavailable} only.
+        """
+        try:
+            path = self.maildir_path(user, home)
+        except MailboxUnavailable as e:
+            return defer.fail(e)
+        return defer.Deferred.fromCoroutine(self._open(path))
+
+    async def _open(self, path: str) -> IMailbox:
+        lock = self._make_lock(path)
+        try:
+            if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("cur", "new", "tmp")):
+                # Usually there already: one stat here instead of a thread hop.
+                await deferToThread(ensure_maildir, path)
+            if lock is not None:
+                await defer.maybeDeferred(lock.acquire)
+            messages = await deferToThread(scan_maildir, path, self.uidl_format)
+        except Exception as e:
+            # CancelledError (the client went away) passes unchanged and unlogged
+            error = e if isinstance(e, defer.CancelledError) else _translate(e, f"opening Maildir {path}")
+            if lock is not None:
+                try:
+                    await defer.maybeDeferred(lock.release)
+                except Exception:
+                    log.failure("releasing the lock of {path} after a failed open", path=path)
+            if error is e:
+                raise
+            raise error from e
+        return MaildirMailbox(path, messages, lock)
