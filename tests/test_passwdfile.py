@@ -23,7 +23,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
-from popservice.auth import passwdfile
+from popservice.auth import crypt_schemes
 from popservice.auth.credentials import APOPCredentials, CramMD5Credentials
 from popservice.auth.passwdfile import (
     HASH_SCHEMES,
@@ -112,10 +112,10 @@ class LogCatcher:
 
 def cheap_costs(case: unittest.TestCase) -> None:
     """Minimal cost parameters: the algorithms are the same, only faster."""
-    case.patch(passwdfile, "BCRYPT_ROUNDS", 4)
-    case.patch(passwdfile, "SHA_CRYPT_ROUNDS", 1000)
-    case.patch(passwdfile, "ARGON2_TIME_COST", 1)
-    case.patch(passwdfile, "ARGON2_MEMORY_COST", 64)
+    case.patch(crypt_schemes, "BCRYPT_ROUNDS", 4)
+    case.patch(crypt_schemes, "SHA_CRYPT_ROUNDS", 1000)
+    case.patch(crypt_schemes, "ARGON2_TIME_COST", 1)
+    case.patch(crypt_schemes, "ARGON2_MEMORY_COST", 64)
 
 
 class SchemeTests(unittest.TestCase):
