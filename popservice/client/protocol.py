@@ -15,26 +15,31 @@ answers arrive, otherwise one at a time.
     count, size = yield client.stat()
     yield client.retrieve(1, consumer)      # streams; without consumer: bytes
     yield client.quit()
+
+Where the parts live: this module holds L{POP3Client}'s commands (CAPA, STLS,
+the logins, the TRANSACTION commands, streaming RETR/TOP); the command FIFO,
+pipelining and the reading of answers are its base class in
+L{popservice.client.pipeline}; the values it answers with are in
+L{popservice.client.answers}; consumers and CRLF conversion in
+L{popservice.client.streaming}; errors and credentials in
+L{popservice.client.common}; connecting and TLS verification in
+L{popservice.client.connect}.  The names that used to be defined here are
+re-exported.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import types
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from hashlib import md5
-from typing import Any, Union, cast
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, ITLSTransport
-from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from popservice import wire
+from popservice.client.answers import Capabilities, ListEntry, UidlEntry
 
 # Errors and credentials are shared with the Twisted-free engine; re-exported here.
 from popservice.client.common import (
@@ -49,452 +54,32 @@ from popservice.client.common import (
     SysPermError,
     SysTempError,
     TLSRequiredError,
-    apop_timestamp,
     choose_login,
-    error_for,
     parse_listing,
 )
-from popservice.sasl.client import (
-    ClientMechanism,
-    SASLError,
-)
+from popservice.client.pipeline import MAX_COLLECTED, MAX_STATUS_LINE, Command, CommandPipeline
+from popservice.client.streaming import PLAIN_CALLABLES, Consumer, CRLFToLF, as_writer
+from popservice.sasl.client import ClientMechanism
 
 __all__ = [
     "AuthError", "Capabilities", "Credentials", "InUseError", "LoginDelayError",
     "NoMechanismError", "POP3Client", "POP3ClientError", "POP3Error", "POP3ProtocolError", "SysPermError",
     "SysTempError", "TLSRequiredError", "Consumer",
+    # defined here before the split; still importable from here
+    "CRLFToLF", "ListEntry", "MAX_COLLECTED", "MAX_STATUS_LINE", "UidlEntry",
 ]
-
-#: A status line longer than this is a protocol error (RFC 2449 says 512).
-MAX_STATUS_LINE = 64 * 1024
-#: A multi-line answer collected in memory (LIST, UIDL, CAPA) is capped.
-MAX_COLLECTED = 256 * 1024 * 1024
-
-
-# --------------------------------------------------------------------------
-# Values
-
-@dataclass(frozen=True)
-class Capabilities:
-    """A parsed CAPA answer (RFC 2449 section 6)."""
-
-    #: tag (upper case) -> its arguments, in server order
-    tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    lines: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, lines: Sequence[bytes]) -> "Capabilities":
-        tags: dict[str, tuple[str, ...]] = {}
-        text = []
-        for raw in lines:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line:
-                continue
-            text.append(line)
-            if line.upper().startswith("IMPLEMENTATION"):
-                tags["IMPLEMENTATION"] = (line[len("IMPLEMENTATION"):].strip(),)
-                continue
-            words = line.split()
-            tags[words[0].upper()] = tuple(words[1:])
-        return cls(tags, tuple(text))
-
-    def __contains__(self, tag: object) -> bool:
-        return isinstance(tag, str) and tag.upper() in self.tags
-
-    @property
-    def sasl(self) -> tuple[str, ...]:
-        return tuple(m.upper() for m in self.tags.get("SASL", ()))
-
-    @property
-    def pipelining(self) -> bool:
-        return "PIPELINING" in self.tags
-
-    @property
-    def stls(self) -> bool:
-        return "STLS" in self.tags
-
-    @property
-    def user(self) -> bool:
-        return "USER" in self.tags
-
-    @property
-    def uidl(self) -> bool:
-        return "UIDL" in self.tags
-
-    @property
-    def top(self) -> bool:
-        return "TOP" in self.tags
-
-    @property
-    def resp_codes(self) -> bool:
-        return "RESP-CODES" in self.tags
-
-    @property
-    def implementation(self) -> str | None:
-        v = self.tags.get("IMPLEMENTATION")
-        return v[0] if v else None
-
-    def _seconds(self, tag: str) -> Union[int, str, None]:
-        v = self.tags.get(tag)
-        if not v:
-            return None
-        if v[0].upper() == "NEVER":
-            return "NEVER"
-        try:
-            return int(v[0])
-        except ValueError:
-            return None
-
-    @property
-    def login_delay(self) -> int | None:
-        """Seconds between logins (RFC 2449 6.5), C{None} when not announced."""
-        v = self._seconds("LOGIN-DELAY")
-        return v if isinstance(v, int) else None
-
-    @property
-    def expire(self) -> Union[int, str, None]:
-        """Days messages are kept (RFC 2449 6.7): an int, C{"NEVER"} or C{None}."""
-        return self._seconds("EXPIRE")
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    number: int
-    size: int
-
-
-@dataclass(frozen=True)
-class UidlEntry:
-    number: int
-    uid: str
-
-
-# --------------------------------------------------------------------------
-# Consumers
-
-#: A message sink: a callable taking chunks, or a Twisted IConsumer.
-Consumer = Union[Callable[[bytes], object], IConsumer]
-
-
-class CRLFToLF:
-    """Convert CRLF to LF in a chunked stream (a CR split from its LF is held back)."""
-
-    def __init__(self) -> None:
-        self._held = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._held:
-            chunk = b"\r" + chunk
-            self._held = False
-        if chunk.endswith(b"\r"):
-            self._held = True
-            chunk = chunk[:-1]
-        return wire.crlf_to_lf(chunk)
-
-    def finish(self) -> bytes:
-        if self._held:
-            self._held = False
-            return b"\r"
-        return b""
-
-
-#: sink types that are never IConsumers: plain functions and bound methods
-_PLAIN_CALLABLES = (types.BuiltinMethodType, types.MethodType, types.FunctionType)
 
 
 def _none(_: object) -> None:
     return None
 
 
-def _as_writer(consumer: Consumer) -> Callable[[bytes], object]:
-    if IConsumer.providedBy(consumer):
-        c: Any = consumer
-        return c.write  # type: ignore[no-any-return]
-    assert callable(consumer)
-    return consumer
-
-
-# --------------------------------------------------------------------------
-# The protocol
-
-class _Command:
-    """One command in the FIFO: its line, its Deferred and how to read its answer."""
-
-    def __init__(self, keyword: str, line: bytes, multiline: bool,
-                 sink: Callable[[bytes], object] | None = None,
-                 barrier: bool = False, login: bool = False) -> None:
-        self.keyword = keyword
-        self.line = line
-        self.multiline = multiline
-        self.sink = sink
-        self.barrier = barrier
-        self.login = login
-        self.deferred: defer.Deferred[Any] = defer.Deferred()
-        self.response: wire.Response | None = None
-        self.collected: list[bytes] = []
-        self.collected_size = 0
-        #: AUTH: called with each decoded challenge, returns the answer line
-        self.on_challenge: Callable[[bytes], bytes] | None = None
-        #: STLS: run on +OK before anything else is read
-        self.on_ok: Callable[[], None] | None = None
-        #: convert CRLF to LF when streaming to a sink
-        self.to_lf: CRLFToLF | None = None
-
-    def feed(self, data: bytes) -> None:
-        if self.to_lf is not None:
-            data = self.to_lf.feed(data)
-        if not data:
-            return
-        if self.sink is not None:
-            self.sink(data)
-        else:
-            self.collected_size += len(data)
-            if self.collected_size > MAX_COLLECTED:
-                raise POP3ProtocolError(f"{self.keyword} answer too large to collect")
-            self.collected.append(data)
-
-    def finish_body(self) -> None:
-        if self.to_lf is not None:
-            tail = self.to_lf.finish()
-            self.to_lf = None
-            if tail:
-                self.feed(tail)
-
-    def body(self) -> bytes:
-        return b"".join(self.collected)
-
-
-#: a LIST/UIDL body where every line is "<digits> <printable token>"
-
-
-def _failure(exc: BaseException) -> Failure:
-    return Failure(exc)
-
-
-class POP3Client(Protocol, TimeoutMixin):
+class POP3Client(CommandPipeline):
     """
     The protocol.  Everything public returns a Deferred.  A failure is a
     L{POP3Error} (server said C{-ERR}), a L{POP3ProtocolError}, or the reason
     the connection was lost.
     """
-
-    #: seconds without a byte from the server while commands wait (None: forever)
-    timeout: float | None = None
-
-    def __init__(self) -> None:
-        self.greeting: defer.Deferred[wire.Response] = defer.Deferred()
-        self.greeting_response: wire.Response | None = None
-        self.apop_timestamp: bytes | None = None
-        self.capa: Capabilities | None = None
-        self.capa_before_tls: Capabilities | None = None
-        self.tls = False
-        self.logged_in = False
-        self.mechanism_used: str | None = None
-        self.pipelining_enabled = True
-        self._reader = wire.LineReader(MAX_STATUS_LINE)
-        self._decoder: wire.BodyDecoder | None = None
-        self._queue: deque[_Command] = deque()
-        self._inflight: deque[_Command] = deque()
-        self._closed: Failure | None = None
-        self._lost: defer.Deferred[None] = defer.Deferred()
-        self._quitting = False
-
-    @property
-    def _t(self) -> Any:
-        """The transport, untyped (zope interfaces defeat mypy here)."""
-        return self.transport
-
-    # -- connection events ---------------------------------------------------
-
-    def connectionMade(self) -> None:
-        if self.timeout is not None:
-            self.setTimeout(self.timeout)  # type: ignore[no-untyped-call]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closed is not None:
-            return
-        if self.timeout is not None:
-            self.resetTimeout()  # type: ignore[no-untyped-call]
-        try:
-            if self._decoder is not None:
-                self._body_data(data)
-            else:
-                self._reader.feed(data)
-            self._process()
-        except POP3ProtocolError as e:
-            self._fail(_failure(e))
-        except SASLError as e:
-            self._fail(_failure(e))
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.setTimeout(None)  # type: ignore[no-untyped-call]
-        if reason is None:
-            reason = _failure(ConnectionError("connection lost"))
-        if self._closed is None:
-            self._closed = reason
-        self._fail_all(self._closed)
-        if not self._lost.called:
-            self._lost.callback(None)
-
-    def timeoutConnection(self) -> None:
-        if self._inflight or not self.greeting.called:
-            self._fail(_failure(POP3ProtocolError("server timed out")))
-        else:
-            self.resetTimeout()  # type: ignore[no-untyped-call]
-
-    def when_closed(self) -> "defer.Deferred[None]":
-        """A Deferred fired once the connection is gone."""
-        d: defer.Deferred[None] = defer.Deferred()
-        if self._lost.called:
-            d.callback(None)
-        else:
-            def fire(result: object) -> object:
-                d.callback(None)
-                return result
-
-            self._lost.addBoth(fire)
-        return d
-
-    def _fail(self, reason: Failure) -> None:
-        if self._closed is None:
-            self._closed = reason
-        self._fail_all(reason)
-        if self.transport is not None:
-            self._t.abortConnection()
-
-    def _fail_all(self, reason: Failure) -> None:
-        if not self.greeting.called:
-            self.greeting.errback(reason)
-        pending = list(self._inflight) + list(self._queue)
-        self._inflight.clear()
-        self._queue.clear()
-        self._decoder = None
-        for cmd in pending:
-            if not cmd.deferred.called:
-                cmd.deferred.errback(reason)
-
-    # -- reading -----------------------------------------------------------------
-
-    def _process(self) -> None:
-        while self._decoder is None and self._closed is None:
-            line = self._reader.next_line()
-            if line is None:
-                return
-            if isinstance(line, wire.LineTooLong):
-                raise POP3ProtocolError(f"status line longer than {MAX_STATUS_LINE} octets")
-            self._line(line)
-
-    def _line(self, line: bytes) -> None:
-        if not self.greeting.called:
-            self._greeting(line)
-            return
-        if not self._inflight:
-            if self._quitting:
-                return
-            raise POP3ProtocolError(f"unexpected line from server: {line[:80]!r}")
-        cmd = self._inflight[0]
-        if cmd.on_challenge is not None and (line == b"+" or line.startswith(b"+ ")):
-            self._challenge(cmd, line[2:])
-            return
-        response = wire.parse_response(line)
-        if response is None:
-            raise POP3ProtocolError(f"not a POP3 status line: {line[:80]!r}")
-        cmd.response = response
-        if response.ok and cmd.multiline:
-            self._decoder = wire.BodyDecoder()
-            rest = self._reader.take_buffer()
-            if rest:
-                self._body_data(rest)
-            return
-        self._inflight.popleft()
-        if response.ok:
-            if cmd.on_ok is not None:
-                cmd.on_ok()
-            cmd.deferred.callback(response)
-        else:
-            cmd.deferred.errback(error_for(response, cmd.keyword, cmd.login))
-        self._pump()
-
-    def _body_data(self, data: bytes) -> None:
-        decoder = self._decoder
-        assert decoder is not None
-        cmd = self._inflight[0]
-        out = decoder.feed(data)
-        if out:
-            cmd.feed(out)
-        if decoder.done:
-            self._decoder = None
-            trailing = decoder.trailing
-            self._inflight.popleft()
-            cmd.finish_body()
-            cmd.deferred.callback(cmd)
-            if trailing:
-                self._reader.feed(trailing)
-            self._pump()
-
-    def _greeting(self, line: bytes) -> None:
-        response = wire.parse_response(line)
-        if response is None:
-            raise POP3ProtocolError(f"not a POP3 greeting: {line[:80]!r}")
-        self.greeting_response = response
-        if not response.ok:
-            self.greeting.errback(error_for(response, "greeting"))
-            if self.transport is not None:
-                self._t.loseConnection()
-            return
-        self.apop_timestamp = apop_timestamp(line)
-        self.greeting.callback(response)
-
-    def _challenge(self, cmd: _Command, encoded: bytes) -> None:
-        assert cmd.on_challenge is not None
-        try:
-            challenge = base64.b64decode(encoded.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            self._t.write(b"*\r\n")
-            return
-        try:
-            answer = cmd.on_challenge(challenge)
-        except SASLError:
-            self._t.write(b"*\r\n")
-            raise
-        self._t.write(base64.b64encode(answer) + wire.CRLF)
-
-    # -- sending -----------------------------------------------------------------
-
-    def _can_pipeline(self) -> bool:
-        return (self.pipelining_enabled and self.logged_in
-                and self.capa is not None and self.capa.pipelining)
-
-    def _pump(self) -> None:
-        while self._queue and self._closed is None:
-            cmd = self._queue[0]
-            if self._inflight and (
-                    cmd.barrier or self._inflight[-1].barrier or not self._can_pipeline()):
-                return
-            self._queue.popleft()
-            self._inflight.append(cmd)
-            self._t.write(cmd.line)
-
-    def _command(self, cmd: _Command) -> "defer.Deferred[Any]":
-        if self._closed is not None:
-            return defer.fail(self._closed)
-        self._queue.append(cmd)
-        self._pump()
-        return cmd.deferred
-
-    def _simple(self, keyword: str, *args: Union[str, int], barrier: bool = False,
-                login: bool = False) -> "defer.Deferred[wire.Response]":
-        cmd = _Command(keyword, wire.format_command(keyword, *args), False,
-                       barrier=barrier, login=login)
-        return self._command(cmd)
-
-    def _multi(self, keyword: str, *args: Union[str, int],
-               sink: Callable[[bytes], object] | None = None,
-               to_lf: bool = False) -> "defer.Deferred[_Command]":
-        cmd = _Command(keyword, wire.format_command(keyword, *args), True, sink=sink)
-        if to_lf:
-            cmd.to_lf = CRLFToLF()
-        return self._command(cmd)
 
     # -- AUTHORIZATION -------------------------------------------------------
 
@@ -531,7 +116,7 @@ class POP3Client(Protocol, TimeoutMixin):
             cast(Any, transport).startTLS(context_factory)
             self.tls = True
 
-        cmd = _Command("STLS", wire.format_command("STLS"), False, barrier=True)
+        cmd = Command("STLS", wire.format_command("STLS"), False, barrier=True)
         cmd.on_ok = upgrade
         yield self._command(cmd)
         self.capa_before_tls = self.capa
@@ -573,7 +158,7 @@ class POP3Client(Protocol, TimeoutMixin):
                 return mechanism.respond(ch)
         else:
             on_challenge = mechanism.respond  # type: ignore[assignment]
-        cmd = _Command("AUTH", line, False, barrier=True, login=True)
+        cmd = Command("AUTH", line, False, barrier=True, login=True)
         cmd.on_challenge = on_challenge
         return self._command(cmd).addCallback(self._logged_in, mechanism.name)
 
@@ -654,7 +239,7 @@ class POP3Client(Protocol, TimeoutMixin):
         if consumer is None:
             return self._multi(keyword, *args, to_lf=not crlf).addCallback(
                 lambda cmd: cmd.body())
-        if type(consumer) in _PLAIN_CALLABLES:
+        if type(consumer) in PLAIN_CALLABLES:
             # the common case (a bound write/append): no interface lookups, no extra callback
             sink: Callable[[bytes], object] = consumer  # type: ignore[assignment]
             return self._multi(keyword, *args, sink=sink, to_lf=not crlf).addCallback(_none)
@@ -662,7 +247,7 @@ class POP3Client(Protocol, TimeoutMixin):
         if IConsumer.providedBy(consumer):
             cast(Any, consumer).registerProducer(_Producer(self), True)
             registered = True
-        d = self._multi(keyword, *args, sink=_as_writer(consumer), to_lf=not crlf)
+        d = self._multi(keyword, *args, sink=as_writer(consumer), to_lf=not crlf)
 
         def done(result: object) -> object:
             if registered:
@@ -697,7 +282,7 @@ class POP3Client(Protocol, TimeoutMixin):
 
     def quit(self) -> "defer.Deferred[wire.Response]":
         """QUIT: C{-ERR} (e.g. C{[SYS/TEMP]}: not all deleted) fails the Deferred."""
-        cmd = _Command("QUIT", wire.format_command("QUIT"), False, barrier=True)
+        cmd = Command("QUIT", wire.format_command("QUIT"), False, barrier=True)
         d = self._command(cmd)
 
         def close(result: object) -> object:
@@ -708,11 +293,6 @@ class POP3Client(Protocol, TimeoutMixin):
             return self.when_closed().addCallback(lambda _: result)
 
         return d.addBoth(close)
-
-    def abort(self) -> None:
-        """Drop the connection without QUIT: nothing marked deleted is deleted."""
-        if self.transport is not None:
-            self._t.abortConnection()
 
 
 class _Producer:
