@@ -165,3 +165,15 @@ def shutdown(port: Any, factory: POP3ServerFactory) -> Any:
 
 def peer(host: str = "192.0.2.1") -> IPv4Address:
     return IPv4Address("TCP", host, 40000)
+
+
+def record_events(factory: POP3ServerFactory) -> list[tuple[str, dict[str, Any]]]:
+    """Replace C{factory}'s session observer by one that records (name, fields) of every event."""
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    class Recorder:
+        def event(self, name: str, session: object, **fields: Any) -> None:
+            events.append((name, fields))
+
+    factory.observer = Recorder()
+    return events

@@ -31,7 +31,7 @@ from popservice.sasl.server import DEFAULT_MECHANISMS, mechanisms_from_option
 from popservice.server.factory import ServerConfig, makeServer
 from popservice.server.policy import Policy
 from popservice.stores.memory import MemoryStore
-from tests.support import ServerMixin, recv_line
+from tests.support import ServerMixin, record_events, recv_line
 from tests.test_sasl_mechanisms import GS2Client, digest_client
 
 MESSAGE = b"Subject: x\n\nbody\n"
@@ -331,21 +331,11 @@ class Scram(SASLServerTestCase):
         r = yield client.command(b"")
         return r
 
-    def record_events(self) -> list[tuple[str, dict[str, Any]]]:
-        events: list[tuple[str, dict[str, Any]]] = []
-
-        class Recorder:
-            def event(self, name: str, session: object, **fields: Any) -> None:
-                events.append((name, fields))
-
-        self.factory.observer = Recorder()
-        return events
-
     @defer.inlineCallbacks
     def test_authzid_equal_to_user(self) -> Any:
         """NeoMutt's default login (GNU SASL): n,a=USER,n=USER,... succeeds, no failed login logged."""
         self.start()
-        events = self.record_events()
+        events = record_events(self.factory)
         for mech, user, password, count in [("SCRAM-SHA-256", "alice", "secret", 1),
                                             ("SCRAM-SHA-1", "bob", "bobpw", 2)]:
             client = yield self.connect()
@@ -359,7 +349,7 @@ class Scram(SASLServerTestCase):
     def test_authzid_other_user_refused(self) -> Any:
         """Another user's name as authzid: -ERR [AUTH], the attempted name logged, the session lives."""
         self.start()
-        events = self.record_events()
+        events = record_events(self.factory)
         client = yield self.connect()
         r = yield self.gs2(client, "SCRAM-SHA-256", "alice", "secret", "bob")
         self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
@@ -370,7 +360,7 @@ class Scram(SASLServerTestCase):
     @defer.inlineCallbacks
     def test_failed_scram_logs_attempted_user(self) -> Any:
         self.start()
-        events = self.record_events()
+        events = record_events(self.factory)
         client = yield self.connect()
         r = yield self.gs2(client, "SCRAM-SHA-256", "alice", "wrong", "alice")
         self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)

@@ -16,7 +16,7 @@ from popservice.server.policy import Policy
 from popservice.stores.memory import MemoryStore
 from popservice.tap import load_tls_options
 from popservice.tlsutil import make_self_signed
-from tests.support import ServerMixin, make_factory, memory_checker, recv_line, shutdown
+from tests.support import ServerMixin, make_factory, memory_checker, record_events, recv_line, shutdown
 
 MSG = b"Subject: tls\n\nsecret body\n"
 
@@ -186,13 +186,7 @@ class ServerGoneAfterQuit(TLSTestCase):
         self.events: list[tuple[str, dict[str, Any]]] = []
 
     def record(self, factory: Any) -> Any:
-        events = self.events
-
-        class Recorder:
-            def event(self, name: str, session: object, **fields: Any) -> None:
-                events.append((name, fields))
-
-        factory.observer = Recorder()
+        self.events = record_events(factory)
         return factory
 
     def listen_implicit(self, **config: Any) -> Any:
