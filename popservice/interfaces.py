@@ -40,6 +40,10 @@ class MailboxUnavailable(Exception):
     """The mailbox cannot be opened now (RFC 2449 [SYS/TEMP])."""
 
 
+class NoSuchMailbox(MailboxUnavailable):
+    """The user has no mailbox in this store (delivery: a permanent failure, LMTP 550)."""
+
+
 class MessageGone(Exception):
     """A message disappeared underneath the session (deleted by another process)."""
 
@@ -107,6 +111,27 @@ class IMailStore(Interface):
         store locks), failing with L{MailboxInUse} or L{MailboxUnavailable}.
         C{home} is the user's home directory when the credentials source knows it.
         """
+
+
+class IMailDelivery(Interface):
+    """
+    Delivery of new mail into a store (an LMTP service, C{popservice deliver},
+    a twisted.mail domain).  Delivery never takes the session lock: a message
+    delivered during a POP3 session appears at the user's next login.
+    """
+
+    def deliver(user: str, home: "str | None", message: bytes, key: "str | None") -> "Deferred[bool]":
+        """
+        Store C{message} (as received: any line ends) for C{user}.  Fires
+        C{True} when stored, C{False} when a message with the same idempotency
+        C{key} (e.g. Message-ID plus digest) was already stored for C{user}:
+        an MTA's retry is never stored twice.  Fails with
+        L{MailboxUnavailable} when C{user} has no mailbox here (permanent) or
+        it cannot be written now (temporary; the exception says which).
+        """
+
+    def exists(user: str, home: "str | None") -> "Deferred[bool]":
+        """Whether C{user} has (or may have) a mailbox in this store: an LMTP RCPT check."""
 
 
 class IUserDirectory(Interface):
