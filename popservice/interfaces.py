@@ -19,6 +19,8 @@ from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from twisted.internet.defer import Deferred
 
 
@@ -100,6 +102,20 @@ class IMailboxLock(Interface):
 
     def release() -> "Deferred[None]":
         """Release the lock (idempotent); returns a Deferred."""
+
+
+class IWatchedMailbox(IMailbox):
+    """
+    A mailbox whose lock is shared with other hosts (a lease): it needs to
+    know how idle its session is (so another host may take an idle session
+    over) and how to end the session when the lock is lost.
+    """
+
+    def watch(idle_seconds: "Callable[[], float]", lost: "Callable[[str], object]") -> None:
+        """
+        From now on C{idle_seconds()} tells the session's idleness; C{lost(reason)}
+        ends the session without UPDATE.
+        """
 
 
 class IMailStore(Interface):

@@ -51,15 +51,26 @@ def load_tls_options(certificate: str, key: str, client_ca: str | None = None) -
                                   verify=True, caCerts=cas, requireCertificate=False)
 
 
-def make_store(description: str, lock: str) -> IMailStore:
-    """A mail store from C{--mail}: C{maildir:TEMPLATE}."""
+def make_store(description: str, lock: str, *, lease_ttl: float = 60.0,
+               lock_grace: float = 60.0) -> IMailStore:
+    """A mail store from C{--mail}: C{maildir:TEMPLATE} or C{postgresql://...} (a libpq URL)."""
     kind = description.split(":", 1)[0]
+    store: IMailStore
     if kind == "maildir":
         from popservice.stores.maildir import MaildirStore
 
-        store: IMailStore = MaildirStore.from_description(description, lock_policy=lock)
+        store = MaildirStore.from_description(description, lock_policy=lock)
         return store
-    raise usage.UsageError("unknown mail store %r (supported: maildir:PATH)" % (kind,))
+    if kind in ("postgresql", "postgres"):
+        try:
+            from popservice.stores.postgres import PostgresStore
+        except ImportError as e:
+            raise usage.UsageError("--mail postgresql:// needs psycopg: pip install 'popservice[postgresql]' "
+                                   "(%s)" % (e,))
+        store = PostgresStore.from_description(description, lock_policy=lock, lease_ttl=lease_ttl,
+                                               lock_grace=lock_grace)
+        return store
+    raise usage.UsageError("unknown mail store %r (supported: maildir:PATH, postgresql://...)" % (kind,))
 
 
 def _bytes_users(checker: Any) -> None:
@@ -93,6 +104,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          float],
         ["hostname", None, None, "Host name used in the greeting (default: this host's name)."],
         ["lock", None, "exclusive", "Mailbox session lock: exclusive (RFC 1939) or none."],
+        ["lease-ttl", None, 60, "With --mail postgresql://: seconds a session's lock lives without "
+         "renewal (renewed every third); a crashed front end's mailboxes are free after this.", float],
         ["lock-grace", None, 60, "Seconds of idleness after which a new login takes a locked "
          "mailbox over from its old session.", float],
         ["trusted-networks", None, "", "Comma-separated networks where plaintext logins are "
@@ -103,7 +116,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-sessions-per-user", None, 10, "With --lock none: concurrent sessions of one user.", int],
         ["max-connections", None, 10000, "Concurrent connections in all.", int],
         ["max-connections-per-ip", None, 50, "Concurrent connections from one untrusted address.", int],
-        ["handshake-timeout", None, 10, "Seconds a TLS handshake may take.", float],
+        ["handshake-timeout", None, 10, "Seconds a TLS handshake (or a PROXY header) may take.", float],
+        ["proxy-trusted-networks", None, "", "Comma-separated networks of trusted proxies (HAProxy "
+         "send-proxy/send-proxy-v2): connections from them must start with a PROXY header, whose "
+         "client address is then used; others are served directly."],
         ["login-delay", None, 0, "RFC 2449 LOGIN-DELAY: seconds between two logins of a user, "
          "enforced (per-user: passwd-file extra field login_delay=N).", int],
         ["sasl", None, "auto", "SASL mechanisms for AUTH, comma-separated, in order of preference "
@@ -159,6 +175,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["trusted-networks"] = parse_networks(self["trusted-networks"])
         except ValueError as e:
             raise usage.UsageError("--trusted-networks: %s" % (e,))
+        try:
+            self["proxy-trusted-networks"] = parse_networks(self["proxy-trusted-networks"])
+        except ValueError as e:
+            raise usage.UsageError("--proxy-trusted-networks: %s" % (e,))
 
 
 def sasl_configuration(options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -218,7 +238,8 @@ def make_factory(options: Any) -> POP3ServerFactory:
                           sasl=mechanisms, sasl_services=services)
     if options["hostname"]:
         config.hostname = options["hostname"]
-    store = make_store(options["mail"], options["lock"])
+    store = make_store(options["mail"], options["lock"], lease_ttl=options["lease-ttl"],
+                       lock_grace=options["lock-grace"])
     return makeServer(store, options["credCheckers"], config,
                       lock_grace=options["lock-grace"], exclusive=options["lock"] == "exclusive",
                       max_sessions=options["max-sessions-per-user"])
@@ -240,6 +261,15 @@ def with_backlog(description: str) -> str:
 def makeService(options: Any) -> service.IService:
     factory = make_factory(options)
     top = service.MultiService()
+    proxies = options["proxy-trusted-networks"]
     for description in options["listen"]:
-        strports.service(with_backlog(description), factory).setServiceParent(top)
+        if proxies:
+            # PROXY headers from trusted proxies, read below TLS (popservice.server.proxy).
+            from popservice.server.proxy import proxy_service
+
+            deadline = options["handshake-timeout"] or options["login-timeout"]
+            proxy_service(with_backlog(description), factory, proxies, deadline,
+                          clock=factory.clock).setServiceParent(top)
+        else:
+            strports.service(with_backlog(description), factory).setServiceParent(top)
     return top

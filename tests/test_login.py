@@ -81,6 +81,12 @@ class FakeShell:
     def release_mailbox(self) -> "defer.Deferred[Any]":
         return defer.succeed(None)
 
+    def idle_seconds(self) -> float:
+        return 0.0
+
+    def terminate(self, reason: str) -> "defer.Deferred[None]":
+        raise AssertionError("no session to end before login")
+
     def send_body(self, transfer: Any) -> None:
         raise AssertionError("no body before login")
 

@@ -91,6 +91,14 @@ class Shell(Protocol):
         """
         ...
 
+    def idle_seconds(self) -> float:
+        """Seconds since the client's last command."""
+        ...
+
+    def terminate(self, reason: str) -> "defer.Deferred[None]":
+        """End the session now, without UPDATE (taken over, lock lost)."""
+        ...
+
     def release_mailbox(self) -> "defer.Deferred[Any]":
         """End the session's hold on its mailbox (registry, lock, EXPIRE records); once."""
         ...

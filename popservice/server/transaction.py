@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popservice import wire
-from popservice.interfaces import IExpiringMailbox, IMailbox, MessageInfo
+from popservice.interfaces import IExpiringMailbox, IMailbox, IWatchedMailbox, MessageInfo
 from popservice.server.capa import capabilities
 from popservice.server.config import expire_days, login_delay
 from popservice.server.i18n import lang_response
@@ -97,6 +97,10 @@ class Transaction:
         self.session = session
         #: the mailbox was released (UPDATE done, connection lost or taken over)
         self.released = False
+        if IWatchedMailbox.providedBy(session.mailbox):
+            # A lease shared with other hosts: it reports our idleness and can end us.
+            watched: IWatchedMailbox = session.mailbox
+            watched.watch(shell.idle_seconds, shell.terminate)
 
     def do_CAPA(self, command: wire.Command) -> bytes:
         """RFC 2449 section 5: CAPA after login."""

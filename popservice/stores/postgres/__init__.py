@@ -1,0 +1,10 @@
+"""
+The PostgreSQL mail store: C{schema} (versioned migrations), C{database} (the
+connection pool and retries), C{lease} (the cluster-wide session lock),
+C{mailbox} (a session's view: listing, streaming, UPDATE), C{store} (login and
+delivery).
+"""
+
+from popservice.stores.postgres.store import PostgresStore
+
+__all__ = ["PostgresStore"]
