@@ -6,6 +6,8 @@ The C{popservice} command.
         certificate), print how to connect, and run the server in the foreground.
     popservice fetch | probe | migrate ...
         The POP3 client tools (see popservice.client.cli).
+    popservice db upgrade|status URL, popservice migrate-store maildir:T postgresql://...
+        The PostgreSQL store (see popservice.dbadmin).
 """
 
 from __future__ import annotations
@@ -99,10 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.set_defaults(func=demo)
     client_cli.add_subcommands(sub, only=argv[0] if client_only else None)
     if not client_only:
-        from popservice import admin, expire
+        from popservice import admin, dbadmin, expire
 
         admin.add_subcommands(sub)
         expire.add_subcommands(sub)
+        dbadmin.add_subcommands(sub)
     args = parser.parse_args(argv)
     run_command = getattr(args, "func", None) or args.handler
     return int(run_command(args) or 0)
