@@ -99,8 +99,8 @@ class MigrateStore(unittest.TestCase):
         self.assertEqual(after, before)
         for message in SHAPES:
             chunks, _ = normalise(message)
-            self.assertEqual(self.sql("SELECT count(*) FROM message_chunks WHERE data = %s", b"".join(chunks)),
-                             [(1 if message not in SHAPES[:2] else 2,)])
+            stored = self.sql("SELECT count(*) FROM message_chunks WHERE data = %s", b"".join(chunks))
+            self.assertEqual(stored, [(1 if message not in SHAPES[:2] else 2,)])
         # Run again: nothing copied, everything checked.
         again = yield threads.deferToThread(popservice, "migrate-store", self.template, self.url, "alice")
         self.assertEqual(again.returncode, 0, again.stderr)
@@ -110,7 +110,8 @@ class MigrateStore(unittest.TestCase):
     def test_a_message_that_differs_is_reported(self) -> Any:
         result = yield threads.deferToThread(popservice, "migrate-store", self.template, self.url, "bob")
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.sql("UPDATE message_chunks SET data = 'tampered' WHERE message_id = (SELECT min(id) FROM messages)")
+        self.sql("UPDATE message_chunks SET data = 'tampered' "
+                 "WHERE message_id = (SELECT min(id) FROM messages)")
         again = yield threads.deferToThread(popservice, "migrate-store", self.template, self.url, "bob")
         self.assertEqual(again.returncode, 70, again.stdout + again.stderr)
         self.assertIn("differs in the database", again.stderr)
