@@ -24,8 +24,12 @@ def build(world: World) -> None:
 class CurlTests(unittest.TestCase):
     skip = None if CURL else "curl is not installed"
 
+    def make_world(self) -> World:
+        """The running server these tests talk to (a subclass may serve another store)."""
+        return shared_world(__name__, build)
+
     def setUp(self) -> None:
-        self.world = shared_world(__name__, build)
+        self.world = self.make_world()
         self.alice = self.world.users["alice"]
 
     def url(self, path: str = "/", user: str = "alice", scheme: str = "pop3", host: str = "127.0.0.1") -> str:

@@ -31,8 +31,12 @@ def build(world: World) -> None:
 class FetchmailTests(unittest.TestCase):
     skip = None if FETCHMAIL else "fetchmail is not installed"
 
+    def make_world(self) -> World:
+        """The running server these tests talk to (a subclass may serve another store)."""
+        return shared_world(__name__, build)
+
     def setUp(self) -> None:
-        self.world = shared_world(__name__, build)
+        self.world = self.make_world()
         self.work = os.path.abspath(self.mktemp())
         self.home = os.path.join(self.work, "home")
         os.makedirs(self.home, mode=0o700)

@@ -43,8 +43,12 @@ def delivered(maildir: str) -> list[bytes]:
 class MpopTests(unittest.TestCase):
     skip = None if MPOP else "mpop is not installed"
 
+    def make_world(self) -> World:
+        """The running server these tests talk to (a subclass may serve another store)."""
+        return shared_world(__name__, build)
+
     def setUp(self) -> None:
-        self.world = shared_world(__name__, build)
+        self.world = self.make_world()
         self.work = os.path.abspath(self.mktemp())
         self.maildir = os.path.join(self.work, "Maildir")
         for sub in ("cur", "new", "tmp"):

@@ -24,8 +24,12 @@ def build(world: World) -> None:
 
 
 class PoplibTests(unittest.TestCase):
+    def make_world(self) -> World:
+        """The running server these tests talk to (a subclass may serve another store)."""
+        return shared_world(__name__, build)
+
     def setUp(self) -> None:
-        self.world = shared_world(__name__, build)
+        self.world = self.make_world()
         self.alice = self.world.users["alice"]
         self.patch(poplib, "_MAXLINE", 1 << 20)
 

@@ -653,7 +653,8 @@ class RssSampler:
 _current: dict[str, World] = {}
 
 
-def shared_world(key: str, build: Callable[[World], None], extra_args: Iterable[str] = ()) -> World:
+def shared_world(key: str, build: Callable[[World], None], extra_args: Iterable[str] = (),
+                 world_class: Callable[..., World] = World) -> World:
     """
     The running world for C{key} (usually the test module's name), built with
     C{build} and started on first use.  A world for another key is stopped
@@ -664,7 +665,7 @@ def shared_world(key: str, build: Callable[[World], None], extra_args: Iterable[
         return world
     for other in list(_current):
         _current.pop(other).stop()
-    world = World(key.rsplit(".", 1)[-1], extra_args)
+    world = world_class(key.rsplit(".", 1)[-1], extra_args)
     try:
         build(world)
         world.start()
