@@ -96,7 +96,8 @@ class TwoFrontEnds(unittest.TestCase):
         self.assertTrue(a.quit().startswith(b"+OK"))
         b, answer = self.login(self.b)
         self.assertTrue(answer.startswith(b"+OK"), answer)
-        self.assertEqual(b.command(b"STAT"), b"+OK 3 %d" % sum(m.size for m in self.a.users["alice"].messages))
+        total = sum(m.size for m in self.a.users["alice"].messages)
+        self.assertEqual(b.command(b"STAT"), b"+OK 3 %d" % (total,))
 
     def test_sigkill_of_the_holder_frees_the_mailbox_after_the_lease(self) -> None:
         _, answer = self.login(self.a)
