@@ -48,7 +48,7 @@ def add_subcommands(sub: Any) -> None:
 def run_db(args: argparse.Namespace) -> int:
     import psycopg
 
-    from popservice.stores.postgres import schema
+    from popservice.database import schema
 
     try:
         with psycopg.connect(args.url) as conn:

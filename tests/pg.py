@@ -128,7 +128,7 @@ def fresh_database(upgrade: bool = True) -> str:
         conn.execute("CREATE DATABASE %s" % (name,))
     url = srv.url(name)
     if upgrade:
-        from popservice.stores.postgres import schema
+        from popservice.database import schema
 
         with psycopg.connect(url) as conn:
             schema.upgrade(conn)

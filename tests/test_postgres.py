@@ -15,8 +15,9 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from popservice import wire
+from popservice.database import schema
 from popservice.interfaces import MailboxInUse
-from popservice.stores.postgres import PostgresStore, schema
+from popservice.stores.postgres import PostgresStore
 from tests import pg
 from tests.support import ServerMixin, make_factory, memory_checker, record_events
 from tests.test_store_contract import MESSAGES, crlf

@@ -1,8 +1,7 @@
 """
-The PostgreSQL mail store: C{schema} (versioned migrations), C{database} (the
-connection pool and retries), C{lease} (the cluster-wide session lock),
-C{mailbox} (a session's view: listing, streaming, UPDATE), C{store} (login and
-delivery).
+The PostgreSQL mail store (its schema and connections: L{popservice.database}):
+C{lease} (the cluster-wide session lock), C{mailbox} (a session's view:
+listing, streaming, UPDATE), C{store} (login and delivery).
 """
 
 from popservice.stores.postgres.store import PostgresStore

@@ -26,8 +26,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from popservice.database.pool import Database
 from popservice.interfaces import IMailboxLock, MailboxInUse
-from popservice.stores.postgres.database import Database
 
 log = Logger()
 

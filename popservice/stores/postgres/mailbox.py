@@ -14,8 +14,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from popservice.database.pool import Database
 from popservice.interfaces import IMessageStream, IWatchedMailbox, MessageGone, MessageInfo
-from popservice.stores.postgres.database import Database
 from popservice.stores.postgres.lease import LeaseLock, check_lease
 
 log = Logger()

@@ -32,6 +32,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popservice.body import LineEndNormaliser
+from popservice.database import schema
+from popservice.database.pool import Database
 from popservice.interfaces import (
     IMailbox,
     IMailDelivery,
@@ -41,8 +43,6 @@ from popservice.interfaces import (
     MessageInfo,
     NoSuchMailbox,
 )
-from popservice.stores.postgres import schema
-from popservice.stores.postgres.database import Database
 from popservice.stores.postgres.lease import LeaseLock, take_lease
 from popservice.stores.postgres.mailbox import PostgresMailbox
 
