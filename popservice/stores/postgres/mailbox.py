@@ -29,16 +29,22 @@ def _chunk(cursor: Any, message_id: int, seq: int) -> bytes | None:
 
 @implementer(IMessageStream)
 class ChunkStream:
-    """The body of one message, one stored chunk per L{read}."""
+    """
+    The body of one message, one stored chunk per L{read}.  With its C{size}
+    known (the stored body is exactly the transmitted size), the end needs no
+    query of its own.
+    """
 
-    def __init__(self, db: Database, message_id: int) -> None:
+    def __init__(self, db: Database, message_id: int, size: int | None = None) -> None:
         self.db = db
         self.message_id = message_id
+        self.size = size
         self.seq = 0
+        self.read_bytes = 0
         self.closed = False
 
     def read(self) -> "defer.Deferred[bytes]":
-        if self.closed:
+        if self.closed or (self.size is not None and self.seq > 0 and self.read_bytes >= self.size):
             return defer.succeed(b"")
         seq = self.seq
         self.seq += 1
@@ -49,6 +55,7 @@ class ChunkStream:
                     # Every message has at least one chunk (maybe empty): it is gone.
                     raise MessageGone("message %d is gone" % (self.message_id,))
                 return b""
+            self.read_bytes += len(data)
             return data
 
         return self.db.run(_chunk, self.message_id, seq).addCallback(got)
@@ -86,7 +93,7 @@ class PostgresMailbox:
         return defer.succeed(list(self.infos))
 
     def open(self, index: int) -> "defer.Deferred[IMessageStream]":
-        return defer.succeed(ChunkStream(self.db, self.ids[index]))
+        return defer.succeed(ChunkStream(self.db, self.ids[index], self.infos[index].size))
 
     def delete(self, indices: "list[int]") -> "defer.Deferred[list[int]]":
         ids = [self.ids[i] for i in indices]
