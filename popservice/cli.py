@@ -8,6 +8,9 @@ The C{popservice} command.
         The POP3 client tools (see popservice.client.cli).
     popservice db upgrade|status URL, popservice migrate-store maildir:T postgresql://...
         The PostgreSQL store (see popservice.dbadmin).
+    popservice deliver USER [--mail maildir:TEMPLATE] [--passwd FILE]
+        Store a message from stdin in USER's mailbox, for an MTA's mailbox
+        command (see popservice.delivery.deliver; sysexits exit codes).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 DEMO_MESSAGES = [
     b"From: Welcome <welcome@popservice.invalid>\nTo: demo@localhost\nSubject: Welcome to popservice\n"
@@ -86,10 +90,31 @@ def demo(args: argparse.Namespace) -> int:
 CLIENT_COMMANDS = ("fetch", "probe", "migrate")
 
 
+def add_deliver_subcommand(subparsers: Any) -> None:
+    """C{popservice deliver}: run by an MTA once per message, so it loads nothing else."""
+    from popservice.delivery import deliver
+
+    p = subparsers.add_parser("deliver", help="store a message from stdin in a user's mailbox "
+                              "(an MTA's mailbox command)", description=deliver.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("user", help="the mailbox user")
+    p.add_argument("--mail", default="maildir:~/Maildir",
+                   help="mail store, as twistd pop3 --mail (default maildir:~/Maildir)")
+    p.add_argument("--passwd", default=None,
+                   help="passwd-file giving users and their homes for ~ (default: the system's accounts)")
+    p.add_argument("--max-size", type=int, default=deliver.DEFAULT_MAX_SIZE,
+                   help="refuse larger messages with exit code 65 (default 50 MiB)")
+    p.set_defaults(func=deliver.run_command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="popservice", description="POP3 server and client tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    if argv[:1] == ["deliver"]:
+        add_deliver_subcommand(sub)
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
     from popservice.client import cli as client_cli
 
     client_only = bool(argv) and argv[0] in CLIENT_COMMANDS
@@ -106,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         admin.add_subcommands(sub)
         expire.add_subcommands(sub)
         dbadmin.add_subcommands(sub)
+        add_deliver_subcommand(sub)
     args = parser.parse_args(argv)
     run_command = getattr(args, "func", None) or args.handler
     return int(run_command(args) or 0)

@@ -20,7 +20,7 @@ from twisted.cred import checkers, credentials, strcred
 from twisted.internet import ssl
 from twisted.python import usage
 
-from popservice.interfaces import IMailStore
+from popservice.interfaces import IMailDelivery, IMailStore
 from popservice.server.factory import POP3ServerFactory, ServerConfig, makeServer
 from popservice.server.policy import Policy, parse_networks
 
@@ -73,6 +73,30 @@ def make_store(description: str, lock: str, *, lease_ttl: float = 60.0,
     raise usage.UsageError("unknown mail store %r (supported: maildir:PATH, postgresql://...)" % (kind,))
 
 
+def store_delivers(description: str) -> bool:
+    """Does the C{--mail} store take deliveries (L{IMailDelivery})?  Asked of its class: nothing is opened."""
+    kind = description.split(":", 1)[0]
+    cls: type
+    if kind == "maildir":
+        from popservice.stores.maildir import MaildirStore as cls
+    elif kind in ("postgresql", "postgres"):
+        try:
+            from popservice.stores.postgres import PostgresStore as cls
+        except ImportError:
+            return True  # make_store says what is missing
+    else:
+        return False
+    return IMailDelivery.implementedBy(cls)
+
+
+def lmtp_service(options: Any, factory: POP3ServerFactory) -> service.IService:
+    """The C{--lmtp} listener, delivering into the POP3 server's own store (homes from its checkers)."""
+    from popservice.delivery.lmtp import LMTPFactory
+
+    realm: Any = factory.portal.realm  # popservice.server.realm.MailRealm
+    return strports.service(with_backlog(options["lmtp"]), LMTPFactory(realm.store, realm.directory))
+
+
 def _bytes_users(checker: Any) -> None:
     """
     strcred's C{memory:} checker stores str names and passwords, while POP3
@@ -96,7 +120,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     optParameters = [
         ["mail", "m", "maildir:~/Maildir",
-         "Mail store: maildir:TEMPLATE, %u = user name (validated), ~ = home from the passwd-file."],
+         "Mail store: maildir:TEMPLATE, %u = user name (validated), ~ = home from the passwd-file; "
+         "or postgresql://user@host/db (many front ends, one database)."],
+        ["lmtp", None, None, "Also serve LMTP (RFC 2033) on this endpoint, delivering into the --mail "
+         "store, e.g. unix:/run/popservice/lmtp or tcp:24:interface=127.0.0.1."],
         ["tls-certificate", None, None, "PEM certificate (with chain) for STLS."],
         ["tls-key", None, None, "PEM private key for STLS."],
         ["timeout", "t", 600, "Idle timeout in seconds (never below 600 once logged in).", float],
@@ -169,6 +196,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["expire"] = None if expire == "NEVER" else int(expire)
         if self["lock"] not in ("exclusive", "none"):
             raise usage.UsageError("--lock must be exclusive or none")
+        if self["lmtp"] and not store_delivers(self["mail"]):
+            raise usage.UsageError("--lmtp needs a --mail store that takes deliveries (IMailDelivery): "
+                                   "maildir:TEMPLATE or postgresql://..., not %r" % (self["mail"],))
         for checker in self["credCheckers"]:
             _bytes_users(checker)
         try:
@@ -272,4 +302,6 @@ def makeService(options: Any) -> service.IService:
                           clock=factory.clock).setServiceParent(top)
         else:
             strports.service(with_backlog(description), factory).setServiceParent(top)
+    if options["lmtp"]:
+        lmtp_service(options, factory).setServiceParent(top)
     return top

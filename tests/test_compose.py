@@ -18,41 +18,23 @@ from twisted.mail import mail, maildir, smtp
 from twisted.mail.pop3 import IMailbox as TwistedIMailbox
 from twisted.trial import unittest
 
+from popservice.delivery.domain import DeliveryDomain
 from popservice.server.factory import makeServer
-from popservice.stores.maildir import MaildirStore
+from popservice.stores.maildir import MaildirStore, ensure_maildir
 from tests.support import memory_checker
-
-
-class MaildirDomain(maildir.MaildirDirdbmDomain):
-    """
-    twisted.mail's Maildir delivery mixes bytes and str paths and writes in
-    text mode on Python 3; this keeps paths as str and writes bytes.
-    """
-
-    def userDirectory(self, name: bytes) -> Any:
-        path = super().userDirectory(name)
-        return os.fsdecode(path) if path is not None else None
-
-    def startMessage(self, user: Any) -> Any:
-        directory = self.userDirectory(user.dest.local)
-        name = os.fsdecode(maildir._generateMaildirName())
-        tmp = os.path.join(directory, "tmp", name)
-        return maildir.MaildirMessage(
-            b"%s@%s" % (user.dest.local, user.dest.domain),
-            open(tmp, "wb"), tmp, os.path.join(directory, "new", name))
 
 
 def build_application(root: str, smtp_port: int, pop3_port: int) -> service.Application:
     application = service.Application("mail")
+    store = MaildirStore(os.path.join(root, "%u"))
+    ensure_maildir(os.path.join(root, "alice"))  # alice's mailbox (popservice passwd add --maildir)
     mail_service = mail.MailService()
-    domain = MaildirDomain(mail_service, root.encode())
-    domain.addUser(b"alice", b"secret")
-    mail_service.addDomain(b"example.org", domain)
+    mail_service.addDomain(b"example.org", DeliveryDomain(store))
     mail_service.smtpPortal.registerChecker(checkers.AllowAnonymousAccess())
     mail_service.setServiceParent(application)
     strports.service("tcp:%d:interface=127.0.0.1" % smtp_port,
                      mail_service.getESMTPFactory()).setServiceParent(application)
-    pop3 = makeServer(MaildirStore(os.path.join(root, "%u")), [memory_checker(alice="secret")])
+    pop3 = makeServer(store, [memory_checker(alice="secret")])
     strports.service("tcp:%d:interface=127.0.0.1" % pop3_port, pop3).setServiceParent(application)
     return application
 

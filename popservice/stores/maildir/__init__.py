@@ -36,6 +36,8 @@ Where each part lives (a module imports only the ones above it):
  - L{scan}: L{scan_maildir}, the session listing, made from all of the above.
  - L{mailbox}: L{MaildirMailbox}: reading, deleting (UPDATE), EXPIRE hooks.
  - L{store}: L{MaildirStore}: path templates, user-name check, session lock.
+ - L{delivery}: new mail into C{tmp/} then C{new/} (L{IMailDelivery}, provided
+   by L{MaildirStore}), with the idempotency record C{popservice-delivered}.
 
 This package re-exports what other code uses; a test that replaces a name
 replaces it in the submodule that looks it up.

@@ -3,7 +3,8 @@ The Maildir mail store (L{IMailStore}): Maildir path templates (C{%u},
 C{~} for the home directory, C{%%}), the strict check of a user name before
 it is put into a path, the session lock (an exclusive C{flock} on
 C{popservice.lock}, see L{popservice.stores.lock}) and opening a mailbox
-(create the Maildir, lock it, scan it).
+(create the Maildir, lock it, scan it).  Delivery (L{IMailDelivery}) is in
+L{popservice.stores.maildir.delivery}; it never takes the session lock.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popservice.interfaces import IMailbox, IMailboxLock, IMailStore, MailboxUnavailable
+from popservice.interfaces import (
+    IMailbox,
+    IMailboxLock,
+    IMailDelivery,
+    IMailStore,
+    MailboxUnavailable,
+    NoSuchMailbox,
+)
 from popservice.stores.lock import LOCK_FILE_NAME, FcntlMailboxLock
+from popservice.stores.maildir.delivery import deliver_into, maildir_exists
 from popservice.stores.maildir.importers import DEFAULT_DOVECOT_UIDL_FORMAT, DovecotUIDLFormat
 from popservice.stores.maildir.layout import ensure_maildir
 from popservice.stores.maildir.mailbox import MaildirMailbox, _translate
@@ -36,7 +45,7 @@ def valid_user_name(user: str) -> bool:
     return bool(_USER_RE.match(user)) and ".." not in user
 
 
-@implementer(IMailStore)
+@implementer(IMailStore, IMailDelivery)
 class MaildirStore:
     """
     Maildirs located by a template: C{/srv/mail/%u}, C{~/Maildir} (C{~} is the
@@ -158,3 +167,31 @@ class MaildirStore:
                 raise
             raise error from e
         return MaildirMailbox(path, messages, lock)
+
+    # -- IMailDelivery -------------------------------------------------------
+
+    def exists(self, user: str, home: "str | None") -> "defer.Deferred[bool]":
+        """
+        Whether C{user} has a Maildir here: it exists, or (a C{~} template) the
+        home directory it would be made in exists.  A Maildir is made by
+        C{popservice passwd add --maildir}, the user's first login or a
+        delivery.  Fails with L{MailboxUnavailable} when the disk cannot tell now.
+        """
+        try:
+            path = self.maildir_path(user, home)
+        except MailboxUnavailable:
+            return defer.succeed(False)
+        home_dir = home if self.template.startswith("~") else None
+        return deferToThread(maildir_exists, path, home_dir)
+
+    def deliver(self, user: str, home: "str | None", message: bytes,
+                key: "str | None") -> "defer.Deferred[bool]":
+        """
+        Store C{message} in the Maildir of C{user} (made when missing); C{False}
+        when C{key} was delivered there before.  See L{popservice.stores.maildir.delivery}.
+        """
+        try:
+            path = self.maildir_path(user, home)
+        except MailboxUnavailable as e:
+            return defer.fail(NoSuchMailbox(str(e)))
+        return deferToThread(deliver_into, path, message, key)
