@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import time
 
 from twisted.trial import unittest
@@ -23,7 +24,7 @@ import tests.interop.test_mpop as mpop_tests
 import tests.interop.test_poplib as poplib_tests
 from tests import pg
 from tests.interop.pgworld import LEASE_TTL, PostgresWorld
-from tests.interop.world import RawPOP, World, shared_world, simple_messages
+from tests.interop.world import RawPOP, World, free_port, shared_world, simple_messages
 
 
 class PoplibOverPostgres(poplib_tests.PoplibTests):
@@ -61,7 +62,9 @@ class TwoFrontEnds(unittest.TestCase):
 
     def setUp(self) -> None:
         url = pg.fresh_database()
-        self.a = PostgresWorld("front-a", url=url)
+        self.lmtp_port = free_port()
+        lmtp = ["--lmtp", "tcp:%d:interface=127.0.0.1" % (self.lmtp_port,)]
+        self.a = PostgresWorld("front-a", lmtp, url=url)
         self.b = PostgresWorld("front-b", url=url)
         self.addCleanup(self.b.stop)
         self.addCleanup(self.a.stop)
@@ -131,3 +134,18 @@ class TwoFrontEnds(unittest.TestCase):
         self.assertEqual(self.a.present("alice"), [1, 2, 3])
         self.assertTrue(b.quit().startswith(b"+OK"))
         self.assertEqual(self.a.present("alice"), [1, 2, 3])
+
+    def test_lmtp_through_one_retrieved_through_the_other_once(self) -> None:
+        message = (b"From: mta@example.org\r\nTo: alice@example.org\r\nMessage-ID: <retry.1@example.org>\r\n"
+                   b"Subject: via LMTP\r\n\r\n.a dot line\r\nbody\r\n")
+        for _attempt in range(3):  # the MTA did not see the first replies: it retries
+            with smtplib.LMTP("127.0.0.1", self.lmtp_port) as lmtp:
+                refused = lmtp.sendmail("mta@example.org", ["alice@example.org"], message)
+                self.assertEqual(refused, {})
+        b, answer = self.login(self.b)
+        self.assertTrue(answer.startswith(b"+OK"), answer)
+        self.assertTrue(b.command(b"STAT").startswith(b"+OK 4 "))
+        status, body = b.multi(b"RETR 4")
+        self.assertTrue(status.startswith(b"+OK"), status)
+        self.assertEqual(body, message)
+        self.assertTrue(b.quit().startswith(b"+OK"))
