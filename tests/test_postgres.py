@@ -184,3 +184,42 @@ class PostgresServer(ServerMixin, PostgresTestCase):
         logout = [f for name, f in events if name == "logout"][-1]
         self.assertEqual(logout["reason"], "mailbox taken over by another session")
         self.assertEqual(self.sql("SELECT count(*) FROM messages"), [(3,)])
+
+
+class Retries(PostgresTestCase):
+    """SQLSTATE 40001 (what CockroachDB and YugabyteDB raise under contention) is retried."""
+
+    @defer.inlineCallbacks
+    def test_serialization_failure_retried(self) -> Any:
+        from popservice.database import Database
+
+        db = Database(self.url)
+        self.addCleanup(db.close)
+        attempts: list[int] = []
+
+        def work(cursor: Any) -> str:
+            attempts.append(1)
+            cursor.execute("INSERT INTO mailboxes (name) VALUES (%s)", ("try%d" % len(attempts),))
+            if len(attempts) < 3:
+                # a real serialization failure from the server, after a write that must roll back
+                cursor.execute("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+            return "done"
+
+        self.assertEqual((yield db.run(work)), "done")
+        self.assertEqual(len(attempts), 3)
+        self.assertEqual(self.sql("SELECT name FROM mailboxes"), [("try3",)])
+
+    @defer.inlineCallbacks
+    def test_other_errors_are_not_retried(self) -> Any:
+        from popservice.database import Database
+
+        db = Database(self.url)
+        self.addCleanup(db.close)
+        attempts: list[int] = []
+
+        def work(cursor: Any) -> None:
+            attempts.append(1)
+            cursor.execute("SELECT no_such_column FROM mailboxes")
+
+        yield self.assertFailure(db.run(work), psycopg.errors.UndefinedColumn)
+        self.assertEqual(len(attempts), 1)

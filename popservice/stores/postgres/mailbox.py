@@ -82,8 +82,10 @@ class PostgresMailbox:
     """One session's mailbox: C{messages} is (id, MessageInfo) in delivery order."""
 
     def __init__(self, db: Database, mailbox_id: int, messages: Sequence[tuple[int, MessageInfo]],
-                 lease: LeaseLock | None) -> None:
+                 lease: LeaseLock | None, blobs: Any = None) -> None:
         self.db = db
+        #: where bodies come from (L{popservice.stores.postgres.blobs.IBlobStore}); chunk rows by default
+        self.blobs = blobs
         self.mailbox_id = mailbox_id
         self.ids = [message_id for message_id, _ in messages]
         self.infos = [info for _, info in messages]
@@ -93,6 +95,8 @@ class PostgresMailbox:
         return defer.succeed(list(self.infos))
 
     def open(self, index: int) -> "defer.Deferred[IMessageStream]":
+        if self.blobs is not None:
+            return defer.succeed(self.blobs.stream(self.ids[index], self.infos[index].size))
         return defer.succeed(ChunkStream(self.db, self.ids[index], self.infos[index].size))
 
     def delete(self, indices: "list[int]") -> "defer.Deferred[list[int]]":

@@ -43,6 +43,7 @@ from popservice.interfaces import (
     MessageInfo,
     NoSuchMailbox,
 )
+from popservice.stores.postgres.blobs import DatabaseBlobs, IBlobStore, write_chunks
 from popservice.stores.postgres.lease import LeaseLock, take_lease
 from popservice.stores.postgres.mailbox import PostgresMailbox
 
@@ -83,7 +84,7 @@ def uidl_for(message_id: int) -> str:
 
 
 def _deliver(cursor: Any, user: str, chunks: list[bytes], size: int, key: str | None,
-             uidl: str | None) -> bool:
+             uidl: str | None, blobs: IBlobStore | None = None) -> bool:
     mailbox_id = _mailbox_id(cursor, user)
     cursor.execute("SELECT nextval('messages_id_seq')")
     message_id = int(cursor.fetchone()[0])
@@ -92,9 +93,10 @@ def _deliver(cursor: Any, user: str, chunks: list[bytes], size: int, key: str | 
                    (message_id, mailbox_id, uidl or uidl_for(message_id), size, key))
     if cursor.fetchone() is None:
         return False  # this key (or this imported UIDL) is stored already
-    for seq, data in enumerate(chunks or [b""]):
-        cursor.execute("INSERT INTO message_chunks (message_id, seq, data) VALUES (%s, %s, %s)",
-                       (message_id, seq, data))
+    if blobs is not None:
+        blobs.write(cursor, message_id, chunks)
+    else:
+        write_chunks(cursor, message_id, chunks)
     return True
 
 
@@ -110,12 +112,14 @@ class PostgresStore:
     """Mailboxes in one PostgreSQL database."""
 
     def __init__(self, db: Database, *, lock_policy: str = "exclusive", lease_ttl: float = 60.0,
-                 lock_grace: float = 60.0, clock: IReactorTime | None = None) -> None:
+                 lock_grace: float = 60.0, clock: IReactorTime | None = None,
+                 blobs: IBlobStore | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor
 
             clock = reactor
         self.db = db
+        self.blobs: IBlobStore = blobs if blobs is not None else DatabaseBlobs(db)
         self.lock_policy = lock_policy
         self.lease_ttl = lease_ttl
         self.lock_grace = lock_grace
@@ -164,7 +168,7 @@ class PostgresStore:
         lease = None
         if holder is not None and generation is not None:
             lease = LeaseLock(self.db, mailbox_id, holder, generation, self.lease_ttl, self.clock)
-        return PostgresMailbox(self.db, mailbox_id, messages, lease)
+        return PostgresMailbox(self.db, mailbox_id, messages, lease, self.blobs)
 
     # IMailDelivery
 
@@ -181,7 +185,8 @@ class PostgresStore:
             log.failure("delivery to {user} failed", failure, user=user)
             raise MailboxUnavailable("database unavailable")
 
-        d = self.check_schema().addCallback(lambda _: self.db.run(_deliver, user, chunks, size, key, uidl))
+        d = self.check_schema().addCallback(lambda _: self.db.run(_deliver, user, chunks, size, key, uidl,
+                                                                     self.blobs))
         return d.addErrback(failed)
 
     def exists(self, user: str, home: "str | None") -> "defer.Deferred[bool]":
