@@ -45,18 +45,26 @@ _MAX_DIGITS = 10
 # Reading lines
 
 class LineTooLong:
-    """A line longer than the reader's limit arrived; it was discarded."""
+    """
+    A line longer than the reader's limit arrived; it was discarded.  C{fatal}:
+    it went on past the limit by more than the reader's C{overflow_margin}
+    (reported once more, then): no client has a reason to, so the caller
+    should end the connection rather than keep reading and discarding.
+    """
 
-    __slots__ = ()
+    __slots__ = ("fatal",)
+
+    def __init__(self, fatal: bool = False) -> None:
+        self.fatal = fatal
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LineTooLong)
+        return isinstance(other, LineTooLong) and other.fatal == self.fatal
 
     def __hash__(self) -> int:
-        return hash(LineTooLong)
+        return hash((LineTooLong, self.fatal))
 
     def __repr__(self) -> str:
-        return "LineTooLong()"
+        return "LineTooLong(fatal=True)" if self.fatal else "LineTooLong()"
 
 
 class LineReader:
@@ -68,10 +76,16 @@ class LineReader:
     caller decides how much work to do per read event (fairness, backpressure).
     """
 
+    #: bytes of one over-long line tolerated past C{max_length} before it is fatal
+    overflow_margin = 8192
+
     def __init__(self, max_length: int = MAX_COMMAND_LINE) -> None:
         self.max_length = max_length
         self._buffer = bytearray()
         self._discarding = False
+        #: bytes of the current over-long line thrown away so far (-1: reported fatal)
+        self._discarded = 0
+        self._fatal_pending = False
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -84,6 +98,8 @@ class LineReader:
         """Forget everything buffered (RFC 2595 section 4: after STLS)."""
         del self._buffer[:]
         self._discarding = False
+        self._discarded = 0
+        self._fatal_pending = False
 
     def take_buffer(self) -> bytes:
         """Return and forget every buffered byte (hand over to a raw consumer)."""
@@ -97,14 +113,24 @@ class LineReader:
         over-long line (reported once, when its end arrives, or at once when
         the limit is passed), or C{None} when more bytes are needed.
         """
+        if self._fatal_pending:
+            self._fatal_pending = False
+            return LineTooLong(fatal=True)
         while True:
             if self._discarding:
                 nl = self._buffer.find(b"\n")
-                if nl < 0:
-                    del self._buffer[:]
+                gone = len(self._buffer) if nl < 0 else nl + 1
+                del self._buffer[:gone]
+                self._discarding = nl < 0
+                if self._discarded >= 0:
+                    self._discarded += gone
+                    if self._discarded > self.overflow_margin:
+                        # Reported once per line: -1 until its end arrives.
+                        self._discarded = -1 if self._discarding else 0
+                        return LineTooLong(fatal=True)
+                if self._discarding:
                     return None
-                del self._buffer[: nl + 1]
-                self._discarding = False
+                self._discarded = 0
                 continue
             nl = self._buffer.find(b"\n", 0, self.max_length + 1)
             if nl < 0:
@@ -114,7 +140,9 @@ class LineReader:
                     nl = self._buffer.find(b"\n")
                     if nl >= 0:
                         del self._buffer[: nl + 1]
+                        self._fatal_pending = nl - self.max_length > self.overflow_margin
                     else:
+                        self._discarded = len(self._buffer) - self.max_length
                         del self._buffer[:]
                         self._discarding = True
                     return LineTooLong()

@@ -456,3 +456,28 @@ class SessionEvents(ServerTestCase):
         self.assertEqual(logout["retr_bytes"], len(crlf(MSGS[1])) + 3)
         self.assertEqual(logout["deleted_bytes"], wire.transmitted_size([MSGS[2]]))
         self.assertEqual(logout["messages"], 3)
+
+
+class OverLongLines(ServerTestCase):
+    """A line far past its limit gets one -ERR and the connection is closed (reliability issue)."""
+
+    @defer.inlineCallbacks
+    def test_ten_megabytes_without_a_newline_before_login(self) -> Any:
+        client = yield self.connect()
+        client.send(b"USER " + b"a" * (10 * 1024 * 1024))
+        yield client.lost
+        self.assertEqual(client.buffer, b"-ERR Command line too long\r\n")
+
+    @defer.inlineCallbacks
+    def test_after_login_a_line_past_the_margin_closes(self) -> Any:
+        client = yield self.login()
+        client.send(b"LIST " + b"1" * 9000 + b"\r\nSTAT\r\n")
+        yield client.lost
+        self.assertEqual(client.buffer, b"-ERR Command line too long\r\n")
+
+    @defer.inlineCallbacks
+    def test_a_line_a_little_too_long_leaves_the_session_alive(self) -> Any:
+        client = yield self.login()
+        r = yield client.command(b"LIST " + b"1" * 300)
+        self.assertEqual(r, b"-ERR Command line too long")
+        self.assertTrue((yield client.command(b"STAT")).startswith(b"+OK"))

@@ -261,6 +261,38 @@ class Lines(unittest.TestCase):
         self.assertEqual(got, expected)
 
 
+class OverLongLines(unittest.TestCase):
+    """Past its limit by more than overflow_margin, a line is reported fatal once."""
+
+    def drain(self, reader: wire.LineReader) -> list[object]:
+        out: list[object] = []
+        while (item := reader.next_line()) is not None:
+            out.append(item)
+        return out
+
+    def test_fatal_once_when_the_margin_is_passed_in_pieces(self) -> None:
+        reader = wire.LineReader(255)
+        got: list[object] = []
+        for _ in range(10):
+            reader.feed(b"x" * 2000)
+            got += self.drain(reader)
+            self.assertLessEqual(reader.buffered, 2000)
+        reader.feed(b"end\r\nNOOP\r\n")
+        got += self.drain(reader)
+        self.assertEqual(got, [wire.LineTooLong(), wire.LineTooLong(fatal=True), b"NOOP"])
+
+    def test_fatal_when_the_whole_line_is_there(self) -> None:
+        reader = wire.LineReader(255)
+        reader.feed(b"x" * (255 + reader.overflow_margin + 10) + b"\r\nNOOP\r\n")
+        self.assertEqual(self.drain(reader), [wire.LineTooLong(), wire.LineTooLong(fatal=True), b"NOOP"])
+
+    def test_within_the_margin_not_fatal(self) -> None:
+        reader = wire.LineReader(255)
+        reader.feed(b"x" * (255 + reader.overflow_margin - 10))
+        reader.feed(b"\r\nNOOP\r\n")
+        self.assertEqual(self.drain(reader), [wire.LineTooLong(), b"NOOP"])
+
+
 class Responses(unittest.TestCase):
     def test_codes(self) -> None:
         self.assertEqual(wire.err("Locked", "IN-USE"), b"-ERR [IN-USE] Locked\r\n")

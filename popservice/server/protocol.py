@@ -408,6 +408,11 @@ class POP3ServerProtocol(Protocol):
 
     def _handle_line(self, line: Union[bytes, wire.LineTooLong]) -> None:
         self.touch()
+        if isinstance(line, wire.LineTooLong) and line.fatal:
+            # Far past any limit (its -ERR is out): no client does that; stop
+            # reading it and close within a second.
+            self.close("line too long", grace=1.0)
+            return
         if self.login.sasl_pending:
             self.login.sasl_line(line)
             return
