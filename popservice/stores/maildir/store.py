@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 
 from twisted.internet import defer
@@ -37,12 +38,26 @@ __all__ = ["MaildirStore", "valid_user_name"]
 
 log = Logger(namespace="popservice.stores.maildir")
 
-_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
+_PUNCTUATION = frozenset("._@+-")
 
 
 def valid_user_name(user: str) -> bool:
-    """May C{user} be substituted into a path?  Strict: no C{/}, no C{..}, no NUL."""
-    return bool(_USER_RE.match(user)) and ".." not in user
+    """
+    May C{user} be substituted into a path?  Letters and digits of any script
+    (RFC 6856 UTF-8 user names, in NFC) and C{._@+-}; starting with a letter
+    or digit (so never C{.} or C{..}), no C{..} anywhere, at most 64
+    characters and 255 octets; never C{/}, NUL, spaces or control characters.
+    """
+    if not user or len(user) > 64 or not user[0].isalnum() or ".." in user:
+        return False
+    if not all(c.isalnum() or c in _PUNCTUATION for c in user):
+        return False
+    try:
+        if len(user.encode("utf-8")) > 255:
+            return False
+    except UnicodeEncodeError:  # lone surrogates from undecodable bytes
+        return False
+    return unicodedata.normalize("NFC", user) == user
 
 
 @implementer(IMailStore, IMailDelivery)
