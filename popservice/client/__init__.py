@@ -18,6 +18,7 @@ The Twisted engine:
     pipeline      its base: the command FIFO, pipelining, reading answers
     answers       Capabilities, ListEntry, UidlEntry
     streaming     consumers for streamed bodies, CRLF to LF
+    tls           client TLS: chain and name checked, any failure fails the handshake
     connect       URL to a connected, verified-TLS, logged-in POP3Client
     fetch         the fetch loop over a POP3Client
 

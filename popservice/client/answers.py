@@ -57,6 +57,16 @@ class Capabilities:
         return "USER" in self.tags
 
     @property
+    def utf8(self) -> bool:
+        """RFC 6856: the UTF8 command is available (before login)."""
+        return "UTF8" in self.tags
+
+    @property
+    def utf8_user(self) -> bool:
+        """RFC 6856 C{UTF8 USER}: UTF-8 user names and passwords in USER/PASS too."""
+        return "USER" in (a.upper() for a in self.tags.get("UTF8", ()))
+
+    @property
     def uidl(self) -> bool:
         return "UIDL" in self.tags
 

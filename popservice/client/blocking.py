@@ -41,8 +41,10 @@ from popservice.client.common import (
     TLSError,
     TLSRequiredError,
     apop_timestamp,
+    certificate_error,
     choose_login,
     error_for,
+    handshake_error,
     parse_listing,
 )
 from popservice.client.delivery import (
@@ -113,6 +115,8 @@ class BlockingClient:
         self.apop_timestamp: bytes | None = None
         self.capa: dict[str, tuple[str, ...]] | None = None
         self.tls = False
+        #: RFC 6856 UTF8 mode is on (the server accepted the UTF8 command)
+        self.utf8 = False
         self.logged_in = False
         self.mechanism_used: str | None = None
 
@@ -258,12 +262,20 @@ class BlockingClient:
     def login(self, credentials: Credentials) -> str:
         """
         The strongest method both sides allow, by the rules of
-        L{popservice.client.protocol.POP3Client.login}; CAPA is re-read after.
+        L{popservice.client.protocol.POP3Client.login} (C{UTF8} first when
+        CAPA lists it, RFC 6856); CAPA is re-read after.
         """
         caps = self.capa if self.capa is not None else self.capabilities()
         how, mech = choose_login(credentials, tuple(m.upper() for m in caps.get("SASL", ())),
                                  user="USER" in caps, capa=bool(caps), stls="STLS" in caps,
                                  apop_timestamp=self.apop_timestamp, tls=self.tls)
+        if "UTF8" in caps and not self.utf8:
+            # RFC 6856: before USER/PASS, APOP or AUTH; a refusal leaves the session as it was
+            try:
+                self.command("UTF8")
+                self.utf8 = True
+            except POP3Error:
+                pass
         if mech is not None:
             self._authenticate(mech)
         elif how == "APOP":
@@ -299,6 +311,9 @@ def tls_context(ca_file: str | None = None, insecure: bool = False) -> Any:
     import ssl
 
     ctx = ssl.create_default_context(cafile=ca_file)
+    # RFC 6125 (and service_identity, which the Twisted engine uses): the
+    # subjectAltNames name the host; a CN without them is not looked at
+    ctx.hostname_checks_common_name = False
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -312,10 +327,11 @@ def _handshake(context: Any, sock: socket.socket, host: str) -> socket.socket:
         wrapped: socket.socket = context.wrap_socket(sock, server_hostname=host)
     except ssl.SSLCertVerificationError as e:
         sock.close()
-        raise TLSError(f"certificate verification failed for {host}: {e.verify_message}") from e
+        raise certificate_error(host, e.verify_code, e.verify_message) from e
     except ssl.SSLError as e:
         sock.close()
-        raise TLSError(f"TLS handshake with {host} failed: {e}") from e
+        reason = e.reason.lower().replace("_", " ") if e.reason else str(e)
+        raise handshake_error(host, reason) from e
     return wrapped
 
 

@@ -57,7 +57,8 @@ def _connection_options(p: argparse.ArgumentParser) -> None:
                    help="do not verify the server certificate (dangerous)")
     p.add_argument("--starttls", choices=("required", "optional", "none"), default="required",
                    help="for pop3:// URLs: STLS is required (default), used when offered "
-                        "(optional, open to downgrade), or never used (none)")
+                        "(optional, open to downgrade), or never used (none; a password is then "
+                        "sent in clear only with --allow-plaintext)")
     p.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
 
 

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Callable
 
-from popservice.client import blocking
+from popservice.client.common import (
+    AuthError,
+    NoMechanismError,
+    POP3ClientError,
+    POP3Error,
+    POP3ProtocolError,
+    TLSError,
+    TLSRequiredError,
+)
 from popservice.client.journal import StateLocked
 from popservice.client.targets import DeliveryError
+from popservice.sasl.client import SASLError
 
 TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up; see popservice.value)
 if TYPE_CHECKING:
@@ -30,35 +40,86 @@ __all__ = [
 ]
 
 EX_OK = 0
+#: a permanent failure: a certificate that does not verify, authentication
+#: failed, a server error that is not temporary, a protocol error, delivery
 EX_FAIL = 1
+#: a usage or configuration problem: bad options, no login method both sides
+#: accept (a password in clear without --allow-plaintext, a mechanism the
+#: server does not offer, an empty token), STLS required and not offered
 EX_USAGE = 2
-#: sysexits.h: try again later (IN-USE, SYS/TEMP, network)
+#: sysexits.h: try again later (network errors and timeouts, IN-USE,
+#: LOGIN-DELAY, SYS/TEMP, the journal locked by another run)
 EX_TEMPFAIL = 75
 
 
+def _network_problem(e: BaseException) -> str | None:
+    """The words for a network failure of either engine (stdlib socket or Twisted), else None."""
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, socket.gaierror):
+        return "cannot resolve the host name"
+    if isinstance(e, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return "connection lost"
+    if isinstance(e, ConnectionError):  # the blocking engine's end of data
+        return "connection closed by the server"
+    if isinstance(e, OSError):
+        return (e.strerror or str(e) or type(e).__name__).lower()
+    if "twisted" in sys.modules:
+        from twisted.internet import error
+
+        if isinstance(e, error.TimeoutError):
+            return "timed out"
+        if isinstance(e, error.ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, error.DNSLookupError):
+            return "cannot resolve the host name"
+        if isinstance(e, error.ConnectionDone):
+            return "connection closed by the server"
+        if isinstance(e, error.ConnectionLost):
+            return "connection lost"
+        if isinstance(e, error.NoRouteError):
+            return "no route to host"
+        if isinstance(e, error.ConnectError):
+            return str(e.osError or (e.args[0] if e.args else "") or "cannot connect").lower()
+    return None
+
+
 def describe_error(e: BaseException) -> tuple[str, int]:
-    """A message and an exit status for an error of either engine."""
-    if isinstance(e, blocking.POP3Error):
-        return str(e), EX_TEMPFAIL if e.temporary else EX_FAIL
-    if isinstance(e, blocking.TLSError):
-        return f"TLS: {e}", EX_FAIL
+    """
+    A message and an exit status for an error of either engine: the same
+    situation gives the same text and status whichever engine met it.
+
+        TLS: certificate verification failed for HOST: REASON    EX_FAIL
+        TLS: handshake with HOST failed: REASON                  EX_FAIL
+        TLS: HOST does not offer STLS ...                        EX_USAGE
+        network: connection refused / timed out / ...            EX_TEMPFAIL
+        authentication failed: PASS: -ERR [AUTH] ...             EX_FAIL
+        server: COMMAND: -ERR [CODE] ...                         EX_TEMPFAIL (temporary codes), EX_FAIL
+        login: refusing to send the password in clear ...        EX_USAGE
+    """
     if isinstance(e, StateLocked):
         return str(e), EX_TEMPFAIL
-    if isinstance(e, (blocking.POP3ClientError, DeliveryError)):
+    if isinstance(e, AuthError):
+        return f"authentication failed: {e}", EX_FAIL
+    if isinstance(e, POP3Error):
+        return f"server: {e}", EX_TEMPFAIL if e.temporary else EX_FAIL
+    if isinstance(e, TLSRequiredError):
+        return f"TLS: {e}", EX_USAGE
+    if isinstance(e, TLSError):
+        return f"TLS: {e}", EX_FAIL
+    if isinstance(e, NoMechanismError):
+        return f"login: {e}", EX_USAGE
+    if isinstance(e, SASLError):
+        return f"authentication failed: {e}", EX_FAIL
+    if isinstance(e, POP3ProtocolError):
+        return f"server: protocol error: {e}", EX_FAIL
+    if isinstance(e, (POP3ClientError, DeliveryError)):
         return str(e), EX_FAIL
-    if "twisted" in sys.modules:
-        from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
-
-        from popservice.client.protocol import POP3ClientError, POP3Error
-
-        if isinstance(e, POP3Error):
-            return str(e), EX_TEMPFAIL if e.temporary else EX_FAIL
-        if isinstance(e, (ConnectError, ConnectionLost, TimeoutError)):
-            return f"network: {e}", EX_TEMPFAIL
-        if isinstance(e, POP3ClientError):
-            return str(e), EX_FAIL
-    if isinstance(e, OSError):
-        return f"network: {e}", EX_TEMPFAIL
+    problem = _network_problem(e)
+    if problem is not None:
+        return f"network: {problem}", EX_TEMPFAIL
     if isinstance(e, ValueError):
         return str(e), EX_FAIL
     if type(e).__module__.startswith("OpenSSL"):

@@ -64,5 +64,6 @@ def resolve_credentials(args: argparse.Namespace, url: POP3URL) -> Credentials:
         raise SystemExit("popservice: no password: use --password-env, --password-command, "
                          "--netrc or a terminal")
     mechs = tuple(m.upper() for m in args.auth) if args.auth else url.mechanisms
-    return Credentials(username, password, token, mechanisms=mechs,
-                       allow_plaintext=args.allow_plaintext or args.starttls == "none")
+    # --starttls none only says not to use STLS: sending a password in clear
+    # over that connection takes --allow-plaintext too (as --help says)
+    return Credentials(username, password, token, mechanisms=mechs, allow_plaintext=args.allow_plaintext)

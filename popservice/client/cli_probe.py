@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from popservice.client.protocol import Capabilities, POP3Client
 
-__all__ = ["run_probe"]
+__all__ = ["probe", "run_probe"]
 
 
 def _cert_lines(client: POP3Client) -> list[str]:
@@ -50,7 +50,11 @@ def _capa_lines(caps: Capabilities | None) -> list[str]:
     return ["  " + line for line in caps.lines]
 
 
-def run_probe(args: argparse.Namespace) -> int:
+def probe(reactor: Any, args: argparse.Namespace, out: Any) -> Any:
+    """
+    Probe C{args.url} and write the report to C{out}; a Deferred firing
+    with the exit status.  (L{run_probe} runs it on the global reactor.)
+    """
     from twisted.internet import defer
     from twisted.python.failure import Failure
 
@@ -58,10 +62,9 @@ def run_probe(args: argparse.Namespace) -> int:
     from popservice.client.protocol import POP3Error
 
     url = parse_url(args.url)
-    out = sys.stdout
 
     @defer.inlineCallbacks
-    def main(reactor: Any) -> Any:
+    def main() -> Any:
         opts = connection_kwargs(args)
         verified = True
         try:
@@ -109,4 +112,10 @@ def run_probe(args: argparse.Namespace) -> int:
             pass
         return EX_OK
 
-    return run_reactor(main)
+    return main()
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """The C{probe} subcommand's handler: an exit status."""
+    parse_url(args.url)  # a bad URL is a usage error, before any reactor runs
+    return run_reactor(lambda reactor: probe(reactor, args, sys.stdout))

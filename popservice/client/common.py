@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from popservice import wire
-from popservice.sasl.client import ClientMechanism, SASLCredentials, choose_mechanism, make_mechanism
+from popservice.sasl.client import MECHANISMS, ClientMechanism, SASLCredentials, choose_mechanism
 from popservice.value import Value
 
 TYPE_CHECKING = False
@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthError", "Credentials", "InUseError", "LoginDelayError", "NoMechanismError", "NoUIDLError",
-    "POP3ClientError", "POP3Error", "POP3ProtocolError", "SysPermError", "SysTempError", "TLSError",
-    "TLSRequiredError", "apop_timestamp", "choose_login", "error_for", "parse_listing",
+    "POP3ClientError", "POP3Error", "POP3ProtocolError", "PlaintextRefusedError", "SysPermError",
+    "SysTempError", "TLSError", "TLSRequiredError", "apop_timestamp", "certificate_error",
+    "choose_login", "error_for", "handshake_error", "name_mismatch", "parse_listing",
 ]
 
 
@@ -99,6 +100,57 @@ class TLSError(POP3ClientError):
     """The TLS handshake failed (e.g. the certificate did not verify)."""
 
 
+class PlaintextRefusedError(NoMechanismError):
+    """Only methods that send the password in clear are left, and the connection has no TLS."""
+
+
+# --------------------------------------------------------------------------
+# Certificate errors: one text for each problem, whichever engine (and
+# whichever OpenSSL build: the ssl module's and pyOpenSSL's differ) met it.
+
+#: OpenSSL's X509_V_ERR_* codes of the usual verification failures
+_CERT_PROBLEMS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    26: "unsuitable certificate purpose",
+}
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+
+
+def name_mismatch(host: str, ip: bool) -> str:
+    """The certificate does not name C{host} (RFC 6125: its subjectAltNames; the CN is not used)."""
+    if ip:
+        return f"IP address mismatch, certificate is not valid for '{host}'."
+    return f"Hostname mismatch, certificate is not valid for '{host}'."
+
+
+def certificate_error(host: str, code: int, library_text: str, ip: bool = False) -> TLSError:
+    """
+    A failed certificate check as a L{TLSError}: C{code} is OpenSSL's
+    X509_V_ERR_* code, C{library_text} the library's text for it (used
+    only for codes outside the usual ones).
+    """
+    if code in (X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH):
+        reason = name_mismatch(host, code == X509_V_ERR_IP_ADDRESS_MISMATCH)
+    else:
+        reason = _CERT_PROBLEMS.get(code) or library_text or f"verify error {code}"
+    return TLSError(f"certificate verification failed for {host}: {reason}")
+
+
+def handshake_error(host: str, reason: str) -> TLSError:
+    """Any other failed TLS handshake (C{reason}: OpenSSL's, e.g. C{"wrong version number"})."""
+    return TLSError(f"handshake with {host} failed: {reason}")
+
+
 class NoUIDLError(POP3ClientError):
     """The server has no UIDL command: a fetch cannot be exactly-once, so none is made."""
 
@@ -155,6 +207,16 @@ def apop_timestamp(greeting: bytes) -> bytes | None:
     return m.group(0) if m else None
 
 
+def _offered(sasl: tuple[str, ...], user: bool, capa: bool, apop_timestamp: bytes | None) -> list[str]:
+    """Every login method the server offers, by name (SASL mechanisms, APOP, USER)."""
+    out = list(sasl)
+    if apop_timestamp is not None:
+        out.append("APOP")
+    if user or not capa:  # (without CAPA, RFC 1939's USER/PASS is assumed)
+        out.append("USER")
+    return out
+
+
 def choose_login(credentials: Credentials, sasl: tuple[str, ...], *, user: bool, capa: bool,
                  stls: bool, apop_timestamp: bytes | None,
                  tls: bool) -> tuple[str, ClientMechanism | None]:
@@ -166,21 +228,31 @@ def choose_login(credentials: Credentials, sasl: tuple[str, ...], *, user: bool,
     C{credentials.allow_plaintext}.
     C{sasl}: the mechanisms the server's CAPA lists (upper case); C{user},
     C{stls}: whether it lists USER and STLS; C{capa}: whether CAPA answered
-    at all (without it USER/PASS is assumed).  Raises L{NoMechanismError}.
+    at all (without it USER/PASS is assumed).
+
+    Nothing is tried that the server does not offer, and nothing is sent
+    that would be refused locally anyway: L{NoMechanismError} (decided
+    before any credential is sent) for a method asked for (C{mechanisms})
+    that the server does not list, for an empty OAuth token, and, as
+    L{PlaintextRefusedError}, when only methods that send the password in
+    clear are left on a connection without TLS.
     """
     allow_plain = tls or credentials.allow_plaintext
     allowed = None if credentials.mechanisms is None else tuple(
         m.upper() for m in credentials.mechanisms)
+    offered = _offered(sasl, user, capa, apop_timestamp)
+    unknown = [m for m in allowed or () if m not in MECHANISMS and m not in ("APOP", "USER")]
+    if unknown:
+        raise NoMechanismError("unknown login method {} (this client knows {} APOP USER)".format(
+            " ".join(unknown), " ".join(MECHANISMS)))
+    if credentials.token is not None and not credentials.token.strip():
+        raise NoMechanismError("the OAuth token is empty: not sending an empty bearer token")
+    if allowed is not None and not any(m in offered for m in allowed):
+        raise NoMechanismError("the server does not offer {} (it offers {})".format(
+            " or ".join(allowed), " ".join(offered) or "no login method"))
     sasl_creds = SASLCredentials(
         credentials.username, credentials.password, credentials.token, credentials.authzid)
-    if allowed is not None and len(allowed) == 1 and allowed[0] not in ("APOP", "USER") \
-            and allowed[0] not in sasl:
-        # an explicit request for a mechanism the server did not list: try it
-        mech: ClientMechanism | None = make_mechanism(allowed[0], sasl_creds)
-    else:
-        mech = choose_mechanism(sasl, sasl_creds, allowed, allow_plain)
-    if mech is not None and mech.plaintext and not allow_plain:
-        raise NoMechanismError(f"{mech.name} would send the password in clear without TLS")
+    mech = choose_mechanism(sasl, sasl_creds, allowed, allow_plain)
     if (credentials.password is not None and apop_timestamp is not None
             and (allowed is None or "APOP" in allowed)
             and (mech is None or (mech.plaintext and not tls))):
@@ -188,10 +260,20 @@ def choose_login(credentials: Credentials, sasl: tuple[str, ...], *, user: bool,
     if mech is not None:
         return mech.name, mech
     if (credentials.password is not None and (allowed is None or "USER" in allowed)
-            and (user or not capa) and allow_plain):
+            and "USER" in offered and allow_plain):
         return "USER", None
-    if credentials.password is not None and not allow_plain and stls and not tls:
-        raise NoMechanismError("only plaintext login offered: use STLS or allow plaintext")
+    if credentials.password is not None and not allow_plain:
+        in_clear = [m for m in offered if m in ("USER", "PLAIN", "LOGIN")
+                    and (allowed is None or m in allowed)]
+        if in_clear:
+            raise PlaintextRefusedError(
+                "refusing to send the password in clear ({}) over a connection without TLS: "
+                "use pop3s://{} or allow plaintext (--allow-plaintext)".format(
+                    " ".join(in_clear), " or STLS" if stls else ""))
+    if credentials.password is None and credentials.token is None:
+        raise NoMechanismError("no password and no OAuth token to log in with")
+    what = "a password" if credentials.password is not None else "an OAuth token"
+    restricted = f" (restricted to {' '.join(allowed)})" if allowed is not None else ""
     raise NoMechanismError(
-        "no acceptable login method (server offers SASL {}{}{})".format(
-            " ".join(sasl) or "none", ", USER" if user else "", ", APOP" if apop_timestamp else ""))
+        f"no acceptable login method: the server offers {' '.join(offered) or 'none'}; "
+        f"none of them{restricted} works with {what}")

@@ -2,66 +2,28 @@
 From a C{pop3://} or C{pop3s://} URL (RFC 2384) to a connected, TLS-protected,
 logged-in L{POP3Client}.
 
-TLS is verified by default: L{twisted.internet.ssl.optionsForClientTLS} checks
-the chain against the platform's trust store (or C{ca_file}) and the name
-through service_identity (RFC 6125/7817 rules; an IP address in the URL is
-matched against the certificate's IP SANs).  C{insecure=True} is the only
-way to skip that.
+TLS is verified by default (L{popservice.client.tls}): the chain against the
+platform's trust store (or C{ca_file}) and the name through service_identity
+(RFC 6125/7817 rules; an IP address in the URL is matched against the
+certificate's IP SANs); a failure of either fails the handshake before
+anything is sent.  C{insecure=True} is the only way to skip that.
 
     client = yield connect(reactor, "pop3s://alice@mail.example.org", Credentials("alice", pw))
 """
 
 from __future__ import annotations
 
-import re
-import socket
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory
 
 from popservice.client.protocol import Credentials, POP3Client, TLSRequiredError
+from popservice.client.tls import as_tls_error, tls_options
+from popservice.client.tls import is_ip_literal as _is_ip_literal
 from popservice.client.url import POP3URL, parse_url
 
 __all__ = ["POP3URL", "connect", "open_connection", "parse_url", "tls_options"]
-
-def _pem_certificates(data: bytes) -> list[Any]:
-    from twisted.internet import ssl
-
-    blocks = re.findall(
-        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.DOTALL)
-    if not blocks:
-        raise ValueError("no PEM certificate in the CA file")
-    return [ssl.Certificate.loadPEM(b) for b in blocks]
-
-
-def tls_options(hostname: str, ca_file: str | None = None, insecure: bool = False) -> Any:
-    """
-    A client TLS connection creator for C{hostname}: verified against the
-    platform trust store, or the certificates in C{ca_file} (PEM) only;
-    C{insecure=True} disables verification entirely.
-    """
-    from twisted.internet import ssl
-
-    if insecure:
-        return ssl.CertificateOptions(verify=False)
-    if ca_file is not None:
-        with open(ca_file, "rb") as f:
-            trust = ssl.trustRootFromCertificates(
-                _pem_certificates(f.read()))
-        return ssl.optionsForClientTLS(hostname, trustRoot=trust)
-    return ssl.optionsForClientTLS(hostname)
-
-
-def _is_ip_literal(host: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-            return True
-        except (OSError, ValueError):
-            pass
-    return False
-
 
 class _OneClientFactory(ClientFactory):
     """Connect exactly one given protocol instance; C{connected} fires when the TCP connection is up."""
@@ -139,9 +101,12 @@ def open_connection(
             elif starttls == "required":
                 raise TLSRequiredError(
                     f"{url.host} does not offer STLS (use pop3s://, or allow plaintext explicitly)")
-    except BaseException:
+    except BaseException as e:
         client.abort()
-        raise
+        error = as_tls_error(url.host, e)
+        if error is e:
+            raise
+        raise error from e
     return client
 
 

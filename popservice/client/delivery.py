@@ -112,6 +112,7 @@ class FetchResult:
     """What a fetch did; L{summary} is the line the CLI prints."""
 
     def __init__(self) -> None:
+        #: messages on the server when the run began
         self.total_on_server = 0
         self.fetched = 0
         self.bytes = 0
@@ -130,7 +131,8 @@ class FetchResult:
             parts.append(f"{self.already} already fetched")
         if self.skipped_size:
             parts.append(f"{self.skipped_size} skipped (too large)")
-        parts.append(f"{self.total_on_server} on server")
+        # the count before the run less what it deleted (the deletions take effect at QUIT)
+        parts.append(f"{self.total_on_server - self.deleted} left on server")
         return ", ".join(parts)
 
 

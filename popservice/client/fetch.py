@@ -102,15 +102,19 @@ class Fetcher:
     def _download(self, todo: list[tuple[int, str, int]]) -> Any:
         opts, target, session = self.options, self.target, self.session
         window = opts.window if self.client.capa is not None and self.client.capa.pipelining else 1
-        pending: deque[tuple[int, str, Any, defer.Deferred[Any]]] = deque()
+        pending: deque[tuple[str, int, list[bytes], defer.Deferred[Any]]] = deque()
         queue = deque(todo)
         syncing: defer.Deferred[Any] | None = None
 
         def issue() -> None:
+            # Collected, and handed to the target only once complete (as the
+            # blocking engine does): the RETRs in flight must not each open
+            # the target, for an mbox is one file and their envelope lines
+            # and bodies would interleave.
             number, uid, size = queue.popleft()
-            writer = target.open(uid, size)
-            d = self.client.retrieve(number, writer.write, crlf=target.crlf)
-            pending.append((number, uid, writer, d))
+            chunks: list[bytes] = []
+            d = self.client.retrieve(number, chunks.append, crlf=target.crlf)
+            pending.append((uid, size, chunks, d))
 
         def flush_batch() -> defer.Deferred[Any]:
             uids, writers, nbytes = session.take_batch()
@@ -131,12 +135,16 @@ class Fetcher:
             while queue and len(pending) < window:
                 issue()
             while pending:
-                number, uid, writer, d = pending.popleft()
+                uid, size, chunks, d = pending.popleft()
+                yield d
+                writer = target.open(uid, size)
                 try:
-                    yield d
+                    for chunk in chunks:
+                        writer.write(chunk)
                 except BaseException:
-                    target.abort(writer)
+                    session.abort([writer])
                     raise
+                del chunks[:]
                 full = session.finished(uid, writer)
                 if queue:
                     issue()
@@ -150,7 +158,9 @@ class Fetcher:
             if session.batch_uids:
                 yield flush_batch()
         except BaseException:
-            session.abort([writer for _, _, writer, _ in pending])
+            for _, _, _, d in pending:  # they fail with the connection: nothing to report twice
+                d.addErrback(lambda _: None)
+            session.abort()
             if syncing is not None:
                 with contextlib.suppress(Exception):
                     yield syncing

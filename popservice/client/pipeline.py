@@ -104,6 +104,8 @@ class CommandPipeline(Protocol, TimeoutMixin):
         self.capa: Capabilities | None = None
         self.capa_before_tls: Capabilities | None = None
         self.tls = False
+        #: RFC 6856 UTF8 mode is on (the server accepted the UTF8 command)
+        self.utf8 = False
         self.logged_in = False
         self.mechanism_used: str | None = None
         self.pipelining_enabled = True
@@ -154,7 +156,8 @@ class CommandPipeline(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self._inflight or not self.greeting.called:
-            self._fail(_failure(POP3ProtocolError("server timed out")))
+            # the exception the blocking engine's socket raises: one vocabulary for both
+            self._fail(_failure(TimeoutError("timed out")))
         else:
             self.resetTimeout()  # type: ignore[no-untyped-call]
 

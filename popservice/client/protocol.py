@@ -124,6 +124,14 @@ class POP3Client(CommandPipeline):
         caps = yield self.capabilities()
         return caps
 
+    def enable_utf8(self) -> "defer.Deferred[wire.Response]":
+        """RFC 6856 UTF8 (before login): UTF-8 user names and passwords, SASLprep-ed by the server."""
+        def on(response: wire.Response) -> wire.Response:
+            self.utf8 = True
+            return response
+
+        return self._simple("UTF8", barrier=True).addCallback(on)
+
     def user(self, username: str) -> "defer.Deferred[wire.Response]":
         return self._simple("USER", username, barrier=True, login=True)
 
@@ -174,7 +182,8 @@ class POP3Client(CommandPipeline):
         (SCRAM-SHA-256, CRAM-MD5, then PLAIN/LOGIN, or OAUTHBEARER/XOAUTH2
         with a token), else APOP, else USER/PASS.  Plaintext methods need TLS
         or C{credentials.allow_plaintext}.  Reads CAPA first if not yet done,
-        and again after login (it may change, RFC 2449 section 5).
+        and again after login (it may change, RFC 2449 section 5).  When CAPA
+        lists UTF8 (RFC 6856), C{UTF8} is sent first.
         """
         if self.capa is None:
             yield self.capabilities()
@@ -182,6 +191,12 @@ class POP3Client(CommandPipeline):
         assert caps is not None
         how, mech = choose_login(credentials, caps.sasl, user=caps.user, capa=bool(caps.tags),
                                  stls=caps.stls, apop_timestamp=self.apop_timestamp, tls=self.tls)
+        if caps.utf8 and not self.utf8:
+            # RFC 6856: before USER/PASS, APOP or AUTH; a refusal leaves the session as it was
+            try:
+                yield self.enable_utf8()
+            except POP3Error:
+                pass
         if mech is not None:
             yield self.authenticate(mech)
         elif how == "APOP":

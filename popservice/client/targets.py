@@ -221,10 +221,12 @@ class _MboxQuoter:
 
     _FROM = re.compile(rb"^(>*From )", re.MULTILINE)
 
-    def __init__(self, out: Callable[[bytes], None]) -> None:
+    def __init__(self, out: Callable[[bytes], None], start: int = 0) -> None:
         self.out = out
         self._partial = b""
         self.last = b"\n"
+        #: the mbox's size before this message's envelope line
+        self.start = start
 
     def write(self, chunk: bytes) -> None:
         data = self._partial + chunk
@@ -272,18 +274,20 @@ class MboxTarget(Target):
 
     def open(self, uid: str, size: int) -> Any:
         assert self._journal is not None
+        start = os.fstat(self.fd).st_size
         if not self._batch_started:
             # the rollback point must be durable before the first byte is appended
-            self._journal.append([f"B {os.fstat(self.fd).st_size}"])
+            self._journal.append([f"B {start}"])
             self._batch_started = True
         envelope = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
         write_all(self.fd, f"From MAILER-DAEMON {envelope}\n".encode("ascii"))
-        return _MboxQuoter(lambda b: write_all(self.fd, b))
+        return _MboxQuoter(lambda b: write_all(self.fd, b), start)
 
     def finished(self, writer: Any) -> int:
+        """This message's bytes in the mbox (envelope, quoting and separator included)."""
         writer.close()
         write_all(self.fd, b"\n")
-        return int(os.fstat(self.fd).st_size)
+        return int(os.fstat(self.fd).st_size) - int(writer.start)
 
     def abort(self, writer: Any) -> None:
         raise DeliveryError("mbox: download failed in the middle of a batch")

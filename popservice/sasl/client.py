@@ -229,6 +229,8 @@ class XOAuth2(ClientMechanism):
     def _token(self) -> str:
         if self.creds.token is None:
             raise SASLError(f"{self.name} needs an OAuth token")
+        if not self.creds.token.strip():
+            raise SASLError(f"{self.name}: the OAuth token is empty")
         return self.creds.token
 
     def initial(self) -> bytes | None:
