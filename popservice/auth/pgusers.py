@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.strcred import ICheckerFactory, InvalidAuthArgumentString
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -86,7 +86,6 @@ class PostgresUserChecker(RecordChecker):
         self.url = url
         self.db = db if db is not None else Database(url, max_connections=2)
         self.refresh_interval = refresh
-        self._loop: task.LoopingCall | None = None
 
     @property
     def source(self) -> str:
@@ -111,18 +110,11 @@ class PostgresUserChecker(RecordChecker):
 
         return self.db.run(_load).addCallbacks(loaded, failed)
 
-    def start(self, clock: Any = None) -> None:
-        """Refresh every C{refresh} seconds from now on."""
-        if self._loop is None and self.refresh_interval > 0:
-            self._loop = task.LoopingCall(self.refresh)
-            if clock is not None:
-                self._loop.clock = clock
-            self._loop.start(self.refresh_interval, now=False)
+    def refresher(self) -> Any:
+        """A service refreshing the records every C{refresh} seconds while it runs."""
+        from twisted.application.internet import TimerService
 
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        return TimerService(self.refresh_interval, self.refresh)
 
 
 _HELP = """
@@ -150,7 +142,5 @@ class PostgresUserCheckerFactory:
             checker.load_now()
         except Exception as e:
             raise InvalidAuthArgumentString("postgresql: cannot read the users table: %s" % (str(e).strip(),))
-        from twisted.internet import reactor
-
-        reactor.callWhenRunning(checker.start)
+        # The refreshes run from the server's service (popservice.tap), not from here.
         return checker
