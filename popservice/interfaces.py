@@ -42,6 +42,13 @@ class MailboxUnavailable(Exception):
     """The mailbox cannot be opened now (RFC 2449 [SYS/TEMP])."""
 
 
+class MailboxForbidden(MailboxUnavailable):
+    """
+    The mailbox may never be opened as it is: it lies outside the mail root
+    (a symbolic link) or belongs to another user (RFC 2449 [SYS/PERM]).
+    """
+
+
 class NoSuchMailbox(MailboxUnavailable):
     """The user has no mailbox in this store (delivery: a permanent failure, LMTP 550)."""
 

@@ -11,7 +11,9 @@ everything Twisted can listen on or check credentials with works here.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import crypto
@@ -21,8 +23,14 @@ from twisted.internet import ssl
 from twisted.python import usage
 
 from popservice.interfaces import IMailDelivery, IMailStore
+from popservice.server.events import Observers
 from popservice.server.factory import POP3ServerFactory, ServerConfig, makeServer
+from popservice.server.lifecycle import ServerLifecycle
+from popservice.server.listeners import ListenerFactory, listener_name
 from popservice.server.policy import Policy, parse_networks
+from popservice.server.startup import ListeningServices, check_options, passwd_uid
+from popservice.server.trace import Tracer
+from popservice.tlsutil import ReloadableServerTLS, usable
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
@@ -52,14 +60,20 @@ def load_tls_options(certificate: str, key: str, client_ca: str | None = None) -
 
 
 def make_store(description: str, lock: str, *, lease_ttl: float = 60.0,
-               lock_grace: float = 60.0) -> IMailStore:
-    """A mail store from C{--mail}: C{maildir:TEMPLATE} or C{postgresql://...} (a libpq URL)."""
+               lock_grace: float = 60.0, allow_symlinks: bool = False,
+               owner_of: Callable[[str], str | None] | None = None) -> IMailStore:
+    """
+    A mail store from C{--mail}: C{maildir:TEMPLATE} or C{postgresql://...} (a libpq URL).
+    Maildirs: C{allow_symlinks} out of the mail root, C{owner_of} a user gives the uid that must own
+    their Maildir (L{popservice.stores.maildir.MaildirStore}).
+    """
     kind = description.split(":", 1)[0]
     store: IMailStore
     if kind == "maildir":
         from popservice.stores.maildir import MaildirStore
 
-        store = MaildirStore.from_description(description, lock_policy=lock)
+        store = MaildirStore.from_description(description, lock_policy=lock, allow_symlinks=allow_symlinks,
+                                              owner_of=owner_of)
         return store
     if kind in ("postgresql", "postgres"):
         try:
@@ -166,16 +180,36 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["expire", None, "NEVER", "RFC 2449 EXPIRE, enforced: NEVER, 0 (retrieved messages are deleted "
          "at QUIT) or N days after first retrieval (at the user's next login, and by 'popservice "
          "expire' run periodically); per user: passwd-file extra field expire=N."],
+        ["trace-user", None, None, "Write every session of this user, both directions, to a file per "
+         "session in --trace-dir (mode 0600); passwords, SASL data and OAuth tokens are redacted, "
+         "RETR/TOP bodies written as their size."],
+        ["trace-dir", None, None, "Existing directory for the --trace-user files (writable by the uid "
+         "the server runs as)."],
+        ["client-quirks", None, "", "Comma-separated client workarounds (Dovecot's pop3_workarounds): "
+         "outlook-no-nuls leaves NUL bytes out of RETR/TOP bodies (LIST sizes then disagree with what is "
+         "sent, as in Dovecot); oe-ns-eoh ends a TOP of an all-header message with the missing empty line."],
+        ["metrics", None, None, "Serve Prometheus metrics over HTTP on this endpoint, e.g. "
+         "tcp:9110:interface=127.0.0.1 (needs prometheus_client: pip install 'popservice[metrics]')."],
+        ["log-format", None, "text", "Log lines: text (twistd's) or json (one object per line)."],
+        ["shutdown-grace", None, 10, "At stop (SIGTERM), seconds sessions get to end: UPDATE completes, "
+         "other sessions get -ERR [SYS/TEMP] at their next command; then the rest are aborted.", float],
     ]
     optFlags = [
         ["allow-plaintext-auth", None, "Accept passwords without TLS from any address (insecure)."],
         ["no-apop", None, "Do not offer APOP."],
         ["untrusted-loopback", None, "Treat loopback peers like any other (behind a local TLS proxy)."],
+        ["trace-bodies", None, "With --trace-user: write RETR/TOP bodies too (mail content), not only "
+         "their size."],
+        ["allow-mail-symlinks", None, "Open a Maildir even when a symbolic link leads it (or its cur/new/"
+         "tmp) out of the mail root: the --mail template's part before %u, or the home for ~."],
+        ["ignore-mail-owner", None, "Open a Maildir whoever owns it (by default it must belong to the "
+         "user's uid when the passwd-file gives one)."],
     ]
 
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["listen"] = []
+        self["listen-tls"] = []
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:110 or ssl:995:privateKey=k.pem:certKey=c.pem (repeatable)."""
@@ -183,19 +217,34 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     opt_l = opt_listen
 
+    def opt_listen_tls(self, description: str) -> None:
+        """
+        Endpoint to listen on with implicit TLS (RFC 8314) using --tls-certificate/--tls-key,
+        e.g. systemd:domain=INET:index=1 (socket activation) or tcp:995 (repeatable).
+        """
+        self["listen-tls"].append(description)
+
     def postOptions(self) -> None:
-        if not self["listen"]:
+        if not self["listen"] and not self["listen-tls"]:
             self["listen"] = ["tcp:110"]
         if not self.get("credCheckers"):
             raise usage.UsageError("give at least one --auth, e.g. --auth passwd-file:/etc/popservice/passwd")
         if bool(self["tls-certificate"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-certificate and --tls-key go together")
+        if self["listen-tls"] and not self["tls-certificate"]:
+            raise usage.UsageError("--listen-tls needs --tls-certificate and --tls-key")
+        if not 0 <= self["shutdown-grace"] < float("inf"):
+            raise usage.UsageError("--shutdown-grace must be a number of seconds, 0 or more")
         expire = str(self["expire"]).upper()
         if expire != "NEVER" and not expire.isdigit():
             raise usage.UsageError("--expire must be NEVER or a number of days")
         self["expire"] = None if expire == "NEVER" else int(expire)
         if self["lock"] not in ("exclusive", "none"):
             raise usage.UsageError("--lock must be exclusive or none")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
+        if self["metrics"] and importlib.util.find_spec("prometheus_client") is None:
+            raise usage.UsageError("--metrics needs prometheus_client: pip install 'popservice[metrics]'")
         if self["lmtp"] and not store_delivers(self["mail"]):
             raise usage.UsageError("--lmtp needs a --mail store that takes deliveries (IMailDelivery): "
                                    "maildir:TEMPLATE or postgresql://..., not %r" % (self["mail"],))
@@ -209,6 +258,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["proxy-trusted-networks"] = parse_networks(self["proxy-trusted-networks"])
         except ValueError as e:
             raise usage.UsageError("--proxy-trusted-networks: %s" % (e,))
+        # All the rest is checked (and the files read) here too: from makeService an error is a traceback.
+        try:
+            check_options(self)
+        except ValueError as e:
+            raise usage.UsageError(str(e))
+        if self["tls-certificate"]:
+            try:
+                self["tls-options"] = usable(load_tls_options(self["tls-certificate"], self["tls-key"],
+                                                              client_ca=self["tls-client-ca"]))
+            except (OSError, ValueError, crypto.Error) as e:
+                raise usage.UsageError("cannot load TLS certificate/key: %s" % (e,))
+        elif self["tls-client-ca"]:
+            raise usage.UsageError("--tls-client-ca needs --tls-certificate and --tls-key")
+        self["sasl-configuration"] = sasl_configuration(self)
 
 
 def sasl_configuration(options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -246,16 +309,19 @@ def sasl_configuration(options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def make_factory(options: Any) -> POP3ServerFactory:
-    tls_context: ssl.CertificateOptions | None = None
+    tls_context: ReloadableServerTLS | None = None
     if options["tls-certificate"]:
+        certificate, key, client_ca = options["tls-certificate"], options["tls-key"], options["tls-client-ca"]
         try:
-            tls_context = load_tls_options(options["tls-certificate"], options["tls-key"],
-                                           client_ca=options["tls-client-ca"])
+            # Read again on SIGHUP (popservice.server.lifecycle); STLS and --listen-tls use it.
+            tls_context = ReloadableServerTLS(lambda: load_tls_options(certificate, key, client_ca=client_ca),
+                                              "STLS/--listen-tls %s" % (certificate,),
+                                              current=options.get("tls-options"))  # read by postOptions
         except (OSError, ValueError, crypto.Error) as e:
             raise usage.UsageError("cannot load TLS certificate/key: %s" % (e,))
     elif options["tls-client-ca"]:
         raise usage.UsageError("--tls-client-ca needs --tls-certificate and --tls-key")
-    mechanisms, services = sasl_configuration(options)
+    mechanisms, services = options.get("sasl-configuration") or sasl_configuration(options)
     policy = Policy(allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
                     trusted_networks=options["trusted-networks"],
                     failure_delay=options["failure-delay"], max_failures=options["max-failures"],
@@ -268,8 +334,14 @@ def make_factory(options: Any) -> POP3ServerFactory:
                           sasl=mechanisms, sasl_services=services)
     if options["hostname"]:
         config.hostname = options["hostname"]
+    if options.get("trace-user"):
+        config.trace = Tracer(options["trace-user"], options["trace-dir"],
+                              bodies=bool(options["trace-bodies"]))
+    config.client_quirks = frozenset(options.get("client-quirks") or ())
+    owner_of = None if options.get("ignore-mail-owner") else passwd_uid(options["credCheckers"])
     store = make_store(options["mail"], options["lock"], lease_ttl=options["lease-ttl"],
-                       lock_grace=options["lock-grace"])
+                       lock_grace=options["lock-grace"],
+                       allow_symlinks=bool(options.get("allow-mail-symlinks")), owner_of=owner_of)
     return makeServer(store, options["credCheckers"], config,
                       lock_grace=options["lock-grace"], exclusive=options["lock"] == "exclusive",
                       max_sessions=options["max-sessions-per-user"])
@@ -288,20 +360,54 @@ def with_backlog(description: str) -> str:
     return description
 
 
+def observability(options: Any, factory: POP3ServerFactory, top: ListeningServices) -> None:
+    """C{--log-format json}; C{--metrics ENDPOINT}: a metrics observer beside the log, its HTTP listener."""
+    if options["log-format"] == "json":
+        from popservice.server.logformat import use_json_logs
+
+        use_json_logs()
+    if options["metrics"]:
+        from prometheus_client import disable_created_metrics
+
+        from popservice.server.metrics import MetricsObserver, metrics_site
+
+        # No *_created series beside every counter and histogram (they double the output; the process's
+        # start time is process_start_time_seconds).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        listeners = [*options["listen"], *options["listen-tls"]]
+        metrics = MetricsObserver(listeners=[listener_name(d) for d in listeners])
+        factory.observer = Observers([factory.observer, metrics])
+        top.listen(options["metrics"], strports.service(options["metrics"], metrics_site(metrics.registry)))
+
+
 def makeService(options: Any) -> service.IService:
     factory = make_factory(options)
-    top = service.MultiService()
+    # A listener that cannot bind is one log line and exit status 1 (popservice.server.startup).
+    top = ListeningServices()
+    observability(options, factory, top)
+    # Graceful stop, SIGHUP reload and systemd notifications (popservice.server.lifecycle).
+    lifecycle = ServerLifecycle(factory, grace=options["shutdown-grace"])
     proxies = options["proxy-trusted-networks"]
-    for description in options["listen"]:
+    listeners = [(d, False) for d in options["listen"]] + [(d, True) for d in options["listen-tls"]]
+    for description, implicit_tls in listeners:
+        # One shared factory; each listener names its connections (logs, metrics).
+        served = ListenerFactory(factory, listener_name(description))
+        reactor = None
         if proxies:
             # PROXY headers from trusted proxies, read below TLS (popservice.server.proxy).
-            from popservice.server.proxy import proxy_service
+            from popservice.server.proxy import listening_reactor
 
             deadline = options["handshake-timeout"] or options["login-timeout"]
-            proxy_service(with_backlog(description), factory, proxies, deadline,
-                          clock=factory.clock).setServiceParent(top)
-        else:
-            strports.service(with_backlog(description), factory).setServiceParent(top)
+            reactor = listening_reactor(proxies, deadline, clock=factory.clock)
+        # The TLS of ssl: and --listen-tls listeners is read again on SIGHUP.
+        top.listen(description, lifecycle.listener(with_backlog(description), served, reactor=reactor,
+                                                   implicit_tls=implicit_tls))
     if options["lmtp"]:
-        lmtp_service(options, factory).setServiceParent(top)
+        top.listen(options["lmtp"], lmtp_service(options, factory))
+    for checker in options["credCheckers"]:
+        # Checkers that re-read their users from somewhere (--auth postgresql://) do it while serving.
+        refresher = getattr(checker, "refresher", None)
+        if refresher is not None:
+            refresher().setServiceParent(top)
+    top.addService(lifecycle)
     return top

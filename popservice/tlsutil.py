@@ -1,15 +1,38 @@
-"""Self-signed certificates for the demo server and tests."""
+"""
+TLS helpers: self-signed certificates for the demo server and tests, and
+server TLS contexts that can be re-read while the server runs.
+
+L{ReloadableServerTLS} is a context factory whose every new connection uses
+the current certificate and key; L{ReloadableServerTLS.reload} reads them
+again and swaps them in, or keeps the old ones when the new files are
+unusable.  L{ReloadingTLSReactor} gives the listeners of C{ssl:} endpoint
+strings such a context factory, re-reading the files named in the string.
+"""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
+from collections.abc import Callable
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import endpoints
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger(namespace="popservice.tls")
 
 
 def make_self_signed(directory: str, hostname: str = "localhost", days: int = 825) -> tuple[str, str]:
@@ -43,3 +66,140 @@ def make_self_signed(directory: str, hostname: str = "localhost", days: int = 82
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+# ---------------------------------------------------------------------------
+# Reloadable server contexts
+# ---------------------------------------------------------------------------
+
+
+def describe_certificate(options: Any) -> str:
+    """The certificate of a context factory, for log lines: its subject CN, expiry and SHA-256 fingerprint."""
+    cert = getattr(options, "certificate", None)
+    if cert is None:
+        return "a certificate"
+    subject = cert.get_subject().commonName or "?"
+    expires = (cert.get_notAfter() or b"?").decode("ascii", "replace")
+    return "CN=%s, expires %s, sha256 %s" % (subject, expires, cert.digest("sha256").decode("ascii"))
+
+
+def usable(options: Any) -> Any:
+    """
+    C{options} (a L{twisted.internet.ssl.CertificateOptions}) once its context
+    has been built, which checks that the private key matches the certificate.
+
+    @raise ValueError: it cannot be used.
+    """
+    try:
+        options.getContext()
+    except SSL.Error as e:
+        raise ValueError("certificate and key cannot be used together: %s" % (e,))
+    return options
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ReloadableServerTLS:
+    """
+    A server context factory over the options C{load()} returns (a
+    L{twisted.internet.ssl.CertificateOptions}): each new TLS connection
+    (an implicit TLS listener's, or STLS's) uses the options current then;
+    L{reload} calls C{load} again and swaps the result in.  Connections
+    already established keep the context they started with.
+    """
+
+    def __init__(self, load: Callable[[], Any], label: str, current: Any = None) -> None:
+        """
+        @param load: reads the certificate and key; raises when they are unusable.
+        @param label: what these options serve, for log lines ("STLS", "listener ssl:995").
+        @param current: the options in use now (default: C{load()}); checked either way.
+        @raise ValueError, OSError: the first options are unusable (L{usable}, C{load}).
+        """
+        self._load = load
+        self.label = label
+        self.current: Any = usable(load() if current is None else current)
+
+    def getContext(self) -> SSL.Context:
+        context: SSL.Context = self.current.getContext()
+        return context
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.getContext(), None)
+
+    def reload(self) -> bool:
+        """
+        Read the certificate and key again: True when the new ones are in use.
+        Unusable files (unreadable, not PEM, a key not matching the
+        certificate) are refused with one log line; the old ones stay.
+        """
+        try:
+            new = usable(self._load())
+        except Exception as e:  # anything the files can throw at a parser; the old context stays
+            log.error("TLS {label}: new certificate/key refused ({error}); still using {old}",
+                      label=self.label, error=_error_text(e),
+                      old=describe_certificate(self.current))
+            return False
+        self.current = new
+        log.info("TLS {label}: certificate loaded: {new}", label=self.label, new=describe_certificate(new))
+        return True
+
+
+def _error_text(e: Exception) -> str:
+    kind = type(e)
+    name = kind.__name__ if kind.__module__ == "builtins" else "%s.%s" % (kind.__module__, kind.__name__)
+    return "%s: %s" % (name, e)
+
+
+class _CapturingReactor:
+    """Takes the place of a reactor for one C{listenSSL}, only to keep its context factory."""
+
+    def __init__(self) -> None:
+        self.context_factory: Any = None
+
+    def listenSSL(self, port: int, factory: object, contextFactory: object, backlog: int = 50,
+                  interface: str = "") -> None:
+        self.context_factory = contextFactory
+
+
+def ssl_description_options(description: str) -> Any:
+    """
+    The TLS options Twisted builds for the C{ssl:} endpoint string
+    C{description}, its key and certificate files read now (every C{ssl:}
+    option applies: C{extraCertChain}, C{dhParameters}, C{sslmethod}).
+    Nothing listens.
+
+    @raise ValueError: C{description} is not an C{ssl:} endpoint.
+    """
+    capture = _CapturingReactor()
+    endpoint = endpoints.serverFromString(capture, description)
+    endpoint.listen(Factory.forProtocol(Protocol))
+    if capture.context_factory is None:
+        raise ValueError("not an ssl: endpoint")
+    return capture.context_factory
+
+
+class ReloadingTLSReactor:
+    """
+    The reactor as C{serverFromString(description)} sees it: C{listenSSL}
+    (the C{ssl:} endpoints) listens with a L{ReloadableServerTLS} re-reading
+    the files named in C{description}, handed to C{register} first.
+    Everything else is C{reactor}'s (the real reactor, or another such
+    wrapper, e.g. L{popservice.server.proxy.listening_reactor}).
+    """
+
+    def __init__(self, reactor: Any, description: str,
+                 register: Callable[[ReloadableServerTLS], object]) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._register = register
+
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50,
+                  interface: str = "") -> IListeningPort:
+        description = self._description
+        tls = ReloadableServerTLS(lambda: ssl_description_options(description), "listener ssl:%d" % (port,),
+                                  current=contextFactory)
+        self._register(tls)
+        listening: IListeningPort = self._reactor.listenSSL(port, factory, tls, backlog, interface)
+        return listening
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)

@@ -19,6 +19,7 @@ from popservice.interfaces import ISessionObserver
 from popservice.sasl.base import MechanismFactory
 from popservice.server.policy import PeerTracker, Policy
 from popservice.server.realm import SessionRegistry
+from popservice.server.trace import Tracer
 
 
 @dataclass
@@ -39,6 +40,10 @@ class ServerConfig:
     sasl: dict[str, MechanismFactory] = field(default_factory=dict)
     #: services SASL mechanisms may use (token validators, master-user rules)
     sasl_services: dict[str, Any] = field(default_factory=dict)
+    #: --trace-user: whose sessions are written to trace files (None: nobody's)
+    trace: Tracer | None = None
+    #: --client-quirks: opt-in workarounds by name (popservice.server.quirks)
+    client_quirks: frozenset[str] = frozenset()
 
 
 class ServerHub(Protocol):
@@ -52,6 +57,8 @@ class ServerHub(Protocol):
     peers: PeerTracker
     #: user -> time of the last successful login (RFC 2449 LOGIN-DELAY)
     last_login: dict[str, float]
+    #: a graceful stop is under way: refuse new connections, end sessions at their next command
+    stopping: bool
 
     def all_checkers(self) -> tuple[Any, ...]:
         """Every checker of the portal, chains unrolled."""

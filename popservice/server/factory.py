@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 
@@ -52,12 +53,53 @@ class POP3ServerFactory(ServerFactory):
         self.peers = PeerTracker()
         #: user -> time of the last successful login (RFC 2449 LOGIN-DELAY)
         self.last_login: dict[str, float] = {}
+        #: a graceful stop is under way (L{begin_shutdown}): new connections are
+        #: refused, every session ends at its next command, UPDATE finishes
+        self.stopping = False
+        self._drain_waiters: list[defer.Deferred[None]] = []
 
     def connection_opened(self, protocol: POP3ServerProtocol) -> None:
         self.connections.add(protocol)
 
     def connection_closed(self, protocol: POP3ServerProtocol) -> None:
         self.connections.discard(protocol)
+        if not self.connections and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def begin_shutdown(self) -> None:
+        """
+        Start a graceful stop (L{popservice.server.lifecycle}): from now on a new
+        connection gets C{-ERR [SYS/TEMP]} and is closed, and every session
+        answers its next command so and is closed without UPDATE.  A session
+        already in UPDATE completes it.  The last listener closing no longer
+        aborts the sessions (L{stopFactory}): whoever called this ends them.
+        """
+        self.stopping = True
+
+    def end_shutdown(self) -> None:
+        """Serve normally again (the service is started anew)."""
+        self.stopping = False
+
+    def drained(self) -> "defer.Deferred[None]":
+        """Fires once no connection is left (at once if none is)."""
+        if not self.connections:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._drain_waiters.append(waiter)
+        return waiter
+
+    def abort_connections(self, reason: str) -> int:
+        """Abort every connection now (a session not yet in UPDATE deletes nothing); how many there were."""
+        connections = list(self.connections)
+        for connection in connections:
+            if connection.end_reason == "disconnected":  # the default: not closing for a reason of its own
+                connection.end_reason = reason
+            transport: Any = connection.transport
+            if transport is not None:
+                transport.abortConnection()
+        return len(connections)
 
     def all_checkers(self) -> tuple[Any, ...]:
         """Every checker of the portal, chains unrolled (SASL mechanisms look for secrets here)."""
@@ -71,13 +113,13 @@ class POP3ServerFactory(ServerFactory):
     def stopFactory(self) -> None:
         """
         The last listening port closed (service stop): end every session
-        without UPDATE, so mailbox locks are released and nothing is deleted.
+        without UPDATE, so mailbox locks are released and nothing is deleted;
+        unless a graceful stop is under way (L{begin_shutdown}), which lets
+        sessions end in their own time, up to its grace period.
         """
-        for connection in list(self.connections):
-            connection.end_reason = "server shutdown"
-            transport: Any = connection.transport
-            if transport is not None:
-                transport.abortConnection()
+        if self.stopping:
+            return
+        self.abort_connections("server shutdown")
 
 
 def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from popservice import wire
 from popservice.auth.credentials import APOPCredentials, PlainCredentials
-from popservice.interfaces import IMailbox, MailboxInUse, MailboxUnavailable
+from popservice.interfaces import IMailbox, MailboxForbidden, MailboxInUse, MailboxUnavailable
 from popservice.sasl.base import (
     Authenticated,
     Challenge,
@@ -273,6 +273,8 @@ class Authorization:
 
     def _sasl_error(self, failure: Failure) -> None:
         self.log.failure("SASL mechanism failed", failure)
+        self.shell.event("login_failed", attempted="", method=getattr(self._sasl, "name", "SASL"),
+                         reason="internal")
         self._end_sasl()
         self.shell.reply(wire.err("Authentication failed", "SYS/TEMP"))
         self.shell.proceed()
@@ -296,23 +298,31 @@ class Authorization:
             self.failures += 1
             hub = shell.factory
             ip_failures = hub.peers.failed(shell.peer_host or "", hub.clock.seconds())
-            shell.event("login_failed", attempted=name, failures=self.failures, ip_failures=ip_failures,
-                        method=via)
             # The delay grows per failure on this connection and from this
             # address; a correct password is never delayed (no lock-out by others).
             delay = hub.config.policy.delay_after(max(self.failures, ip_failures))
+            shell.event("login_failed", attempted=name, failures=self.failures, ip_failures=ip_failures,
+                        method=via, reason="auth", delay=delay)
             if delay > 0:
                 hub.clock.callLater(delay, self._answer_failed_login)
             else:
                 self._answer_failed_login()
             return
         if failure.check(MailboxInUse):
+            shell.event("login_failed", attempted=name, method=via, reason="in_use")
             shell.reply(wire.err("Mailbox is locked by another session", "IN-USE"))
+        elif failure.check(MailboxForbidden):
+            # Permanent until the operator acts: the one log line says what is wrong.
+            self.log.warn("mailbox of {user} refused: {why}", user=name, why=failure.getErrorMessage())
+            shell.event("login_failed", attempted=name, method=via, reason="unavailable")
+            shell.reply(wire.err("Mailbox is not accessible", "SYS/PERM"))
         elif failure.check(MailboxUnavailable):
             self.log.warn("mailbox for {user} unavailable: {why}", user=name, why=failure.getErrorMessage())
+            shell.event("login_failed", attempted=name, method=via, reason="unavailable")
             shell.reply(wire.err("Mailbox is unavailable", "SYS/TEMP"))
         else:
             self.log.failure("login of {user} failed", failure, user=name)
+            shell.event("login_failed", attempted=name, method=via, reason="internal")
             shell.reply(wire.err("Internal server error", "SYS/TEMP"))
         shell.proceed()
 

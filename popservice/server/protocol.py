@@ -30,10 +30,11 @@ from zope.interface import implementer
 
 from popservice import wire
 from popservice.server.config import ServerHub
-from popservice.server.events import session_summary
+from popservice.server.events import new_session_id, session_summary
 from popservice.server.i18n import localise
 from popservice.server.login import SASL_LINE, Authorization, apop_timestamp
 from popservice.server.session import MailboxSession
+from popservice.server.trace import SessionTrace
 from popservice.server.transaction import Transaction, open_session
 from popservice.server.transfer import MessageTransfer
 from popservice.server.transport import peer_certificate, set_nodelay
@@ -48,6 +49,10 @@ MIN_TRANSACTION_TIMEOUT = 600.0
 #: last answer and close its side (a TLS peer: send its close_notify or EOF);
 #: then the connection is aborted, so none lingers in CLOSE-WAIT.
 CLOSE_GRACE = 10.0
+
+#: The answer to every command, and to new connections, once a graceful stop
+#: has begun (popservice.server.lifecycle); with C{[SYS/TEMP]}: retry later.
+SHUTTING_DOWN = "server shutting down"
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -101,6 +106,16 @@ class POP3ServerProtocol(Protocol):
         self.utf8 = False
         self.language = "en"
         self._handshake_call: IDelayedCall | None = None
+        #: for logs and metrics: this session's id (made at connect), the
+        #: listener it came through (set by the listener's factory), bytes written
+        self.session_id = ""
+        self.listener = "default"
+        self.bytes_out = 0
+        #: the command whose answer is on its way, and when it arrived (its latency)
+        self._command: str | None = None
+        self._command_at = 0.0
+        #: --trace-user: this session's trace while it may still be written (popservice.server.trace)
+        self.trace: SessionTrace | None = None
 
     @property
     def session(self) -> MailboxSession | None:
@@ -116,17 +131,27 @@ class POP3ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
+        self.session_id = new_session_id()
         set_nodelay(transport)
         peer = transport.getPeer()
         self.peer_host = getattr(peer, "host", None)
         self.tls = ISSLTransport.providedBy(transport)
         config = self.factory.config
+        if self.factory.stopping:
+            # A graceful stop is under way (popservice.server.lifecycle): come back later.
+            self._rejected = True
+            self._closing = True
+            self.event("refused", why=SHUTTING_DOWN, limit="shutdown", listener=self.listener)
+            transport.write(wire.err(SHUTTING_DOWN, "SYS/TEMP"))
+            transport.loseConnection()
+            return
         refusal = config.policy.admit(self.peer_host, self.factory.peers)
         if refusal is not None:
             # RFC 2449 section 8: a temporary condition; the client may retry.
             self._rejected = True
             self._closing = True
-            self.event("refused", why=refusal)
+            limit = "total" if self.factory.peers.total >= config.policy.max_connections else "per_address"
+            self.event("refused", why=refusal, limit=limit, listener=self.listener)
             transport.write(wire.err(refusal, "SYS/TEMP"))
             transport.loseConnection()
             return
@@ -141,8 +166,10 @@ class POP3ServerProtocol(Protocol):
         if config.login_timeout > 0:
             self._login_call = self.factory.clock.callLater(config.login_timeout, self._login_timed_out)
         self.factory.connection_opened(self)
-        self.event("connect", tls=self.tls)
-        transport.write(self.login.greeting(config.hostname))
+        if config.trace is not None:
+            self.trace = config.trace.begin(self.factory.clock, self.peer_host)
+        self.event("connect", tls=self.tls, listener=self.listener)
+        self.write(self.login.greeting(config.hostname))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
@@ -160,10 +187,11 @@ class POP3ServerProtocol(Protocol):
         if session is not None and self.state is not State.UPDATE:
             # A dropped or timed-out connection never reaches UPDATE: nothing is deleted.
             self.release_mailbox()
+        self._command_done()
         # One summary line per session, in the spirit of Dovecot's pop3_logout_format.
         self.event("logout", reason=self.end_reason, tls=self.tls, method=self.login.method,
                    seconds=round(self.factory.clock.seconds() - self._connected_at, 3),
-                   **session_summary(session))
+                   listener=self.listener, bytes_out=self.bytes_out, **session_summary(session))
         self.factory.connection_closed(self)
 
     def release_mailbox(self) -> "defer.Deferred[Any]":
@@ -178,6 +206,7 @@ class POP3ServerProtocol(Protocol):
         """Close after what is written; read on (discarding) until the connection is gone."""
         self.end_reason = reason
         self._closing = True
+        self._command_done()
         transport: Any = self.transport
         # TLS does not close while a producer is registered: unregister first
         # (what is already written is still flushed).
@@ -221,7 +250,7 @@ class POP3ServerProtocol(Protocol):
 
     def authenticated(self, result: tuple[Any, Any, Any], name: str) -> "defer.Deferred[None]":
         """The portal accepted C{name}: open the session and enter TRANSACTION."""
-        return open_session(self, result, name).addCallback(self._logged_in, name)
+        return open_session(self, result, name, method=self.login.method).addCallback(self._logged_in, name)
 
     def _logged_in(self, session: MailboxSession | None, name: str) -> None:
         if session is None:
@@ -254,7 +283,7 @@ class POP3ServerProtocol(Protocol):
         transport.registerProducer(self, True)
         self.tls = True
         self._start_handshake_timer()
-        self.event("stls")
+        self.event("stls", listener=self.listener)
 
     def peer_certificate(self) -> Any:
         return peer_certificate(self.transport)
@@ -374,6 +403,7 @@ class POP3ServerProtocol(Protocol):
                 if transfer is not None:
                     if transfer.finished:
                         self._transfer = None
+                        self._command_done()
                     elif transfer.waiting:
                         break
                     else:
@@ -383,6 +413,9 @@ class POP3ServerProtocol(Protocol):
                     if self._turn_call is None or not self._turn_call.active():
                         self._turn_call = self.factory.clock.callLater(0, self._run)
                     break
+                if self._command is not None:
+                    # an answer that came later (login, SASL step, failure delay) is out
+                    self._command_done()
                 line = self.reader.next_line()
                 if line is None:
                     break
@@ -398,15 +431,29 @@ class POP3ServerProtocol(Protocol):
 
     def write(self, data: bytes) -> None:
         if not self._closed:
+            self.bytes_out += len(data)
+            if self.trace is not None:
+                self.trace.server(data, self._transfer)
             self.transport.write(data)  # type: ignore[union-attr]
 
     def event(self, name: str, **fields: object) -> None:
-        self.factory.observer.event(name, self, user=self.user, peer=self.peer_host, **fields)
+        if self.trace is not None:
+            self.trace = self.trace.event(name, self.user, fields)
+        self.factory.observer.event(name, self, user=self.user, peer=self.peer_host,
+                                    session_id=self.session_id, **fields)
 
     # ------------------------------------------------------------------
     # Commands
 
     def _handle_line(self, line: Union[bytes, wire.LineTooLong]) -> None:
+        if self.trace is not None:
+            self.trace.client(line, self.login.sasl_pending)
+        if self.factory.stopping:
+            # A graceful stop (popservice.server.lifecycle): the command is not
+            # run, the session ends without UPDATE, so nothing is deleted.
+            self.reply(wire.err(SHUTTING_DOWN, "SYS/TEMP"))
+            self.close("server shutdown")
+            return
         self.touch()
         if isinstance(line, wire.LineTooLong) and line.fatal:
             # Far past any limit (its -ERR is out): no client does that; stop
@@ -430,7 +477,9 @@ class POP3ServerProtocol(Protocol):
             else:
                 self.bad_command(wire.err("Command not valid in this state"))
             return
-        self.event("command", command=command.keyword)
+        # The command event is sent once its answer is written (L{_command_done}), with its latency.
+        self._command = command.keyword
+        self._command_at = self._last_activity
         handler: Any = self.transaction if self.state is State.TRANSACTION else self.login
         try:
             response = getattr(handler, "do_" + command.keyword)(command)
@@ -439,9 +488,22 @@ class POP3ServerProtocol(Protocol):
             response = wire.err("Internal server error", "SYS/TEMP")
         if response is not None:
             self.reply(response)
+        if not self._waiting and self._transfer is None:
+            self._command_done()
+
+    def _command_done(self) -> None:
+        """
+        The pending command's answer is written (RETR/TOP: the whole body): one
+        C{command} event, with C{seconds} since the command was read.
+        """
+        keyword = self._command
+        if keyword is not None:
+            self._command = None
+            self.event("command", command=keyword, seconds=self.factory.clock.seconds() - self._command_at)
 
     def bad_command(self, response: bytes) -> None:
         self._bad_commands += 1
+        self.event("bad_command")
         policy = self.factory.config.policy
         limit = (policy.max_bad_commands_before_login if self.state is State.AUTHORIZATION
                  else policy.max_bad_commands_after_login)

@@ -32,13 +32,14 @@ from popservice.stores.twistedmail import TwistedMailboxAdapter
 log = Logger()
 
 
-def open_session(shell: Shell, result: tuple[Any, Any, Callable[[], None]], name: str
-                 ) -> "defer.Deferred[MailboxSession | None]":
+def open_session(shell: Shell, result: tuple[Any, Any, Callable[[], None]], name: str,
+                 method: str = "USER") -> "defer.Deferred[MailboxSession | None]":
     """
     The portal's answer for C{name} becomes a session: a twisted.mail avatar
     is adapted, RFC 2449 EXPIRE removes what expired, the listing is frozen,
     and LOGIN-DELAY is enforced (after the credentials, RFC 2449 section
-    8.1.1: then C{None}, the refusal already answered).
+    8.1.1: then C{None}, the refusal already answered).  C{method} (USER,
+    APOP, a SASL mechanism) is only reported, with a LOGIN-DELAY refusal.
     """
     interface, avatar, logout = result
     mailbox: IMailbox
@@ -76,7 +77,7 @@ def open_session(shell: Shell, result: tuple[Any, Any, Callable[[], None]], name
         last = hub.last_login.get(name)
         if delay > 0 and last is not None and now - last < delay:
             defer.maybeDeferred(mailbox.close)
-            shell.event("login_delay", attempted=name, wait=int(delay - (now - last)))
+            shell.event("login_delay", attempted=name, wait=int(delay - (now - last)), method=method)
             shell.reply(wire.err("Minimum time between logins not reached", "LOGIN-DELAY"))
             return None
         hub.last_login[name] = now

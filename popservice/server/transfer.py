@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from popservice import wire
 from popservice.interfaces import IMessageStream, MessageGone
+from popservice.server.quirks import OE_NS_EOH, OUTLOOK_NO_NULS, HeaderEnd
 from popservice.server.session import MailboxSession
 from popservice.server.shell import Shell
 
@@ -39,6 +40,11 @@ class MessageTransfer:
         #: octets sent, the final dot line included
         self.sent = 0
         self.finished = False
+        quirks = shell.factory.config.client_quirks
+        #: --client-quirks outlook-no-nuls: NUL bytes are left out
+        self.no_nuls = OUTLOOK_NO_NULS in quirks
+        #: --client-quirks oe-ns-eoh: a TOP that never left the header gets the empty line ending it
+        self.header_end = HeaderEnd() if lines is not None and OE_NS_EOH in quirks else None
 
     def pump(self) -> None:
         """Read one chunk from the store and send it; the shell calls again for the next."""
@@ -71,14 +77,20 @@ class MessageTransfer:
             return
         done = not data
         if data:
+            if self.no_nuls:
+                data = data.replace(b"\0", b"")
             if self.top is not None:
                 data = self.top.feed(data)
                 done = self.top.done
+                if self.header_end is not None:
+                    self.header_end.feed(data)
             out = self.encoder.encode(data)
             self.sent += len(out)
             self.shell.write(out)
         if done:
             tail = self.encoder.finish()
+            if self.header_end is not None and not self.header_end.seen:
+                tail = tail[:-len(wire.TERMINATOR)] + wire.CRLF + wire.TERMINATOR
             self.sent += len(tail)
             self.shell.write(tail)
             self.stream.close()

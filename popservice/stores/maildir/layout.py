@@ -6,19 +6,21 @@ count as messages, the move of C{new/X} to C{cur/X:2,} at login, and finding
 a message again after another program renamed it.
 
 Every file is opened without following symbolic links (L{_nofollow_opener},
-also used to open a message for reading).  The directory work runs in the
-reactor's thread pool.
+also used to open a message for reading), and L{outside_root} finds a
+Maildir, or a C{cur/}, C{new/} or C{tmp/} of it, that a symbolic link leads
+out of the mail root.  The directory work runs in the reactor's thread pool.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 
 from twisted.logger import Logger
 
 from popservice.interfaces import MailboxUnavailable
 
-__all__ = ["base_name", "ensure_maildir"]
+__all__ = ["base_name", "ensure_maildir", "outside_root"]
 
 log = Logger(namespace="popservice.stores.maildir")
 
@@ -49,6 +51,32 @@ def _relpath(file: str) -> str:
 def _file_base(file: str) -> str:
     """The base name of an entry of L{_Scan.files}."""
     return base_name(file.rpartition("/")[2])
+
+
+def outside_root(path: str, root: str) -> tuple[str, str] | None:
+    """
+    The first of the Maildir C{path} and its C{cur/}, C{new/}, C{tmp/} that,
+    symbolic links resolved, is neither C{root} nor below it, with where it
+    leads; C{None} when all stay inside.  What does not exist yet resolves as
+    far as it exists (L{ensure_maildir} makes it as a directory).  A few
+    C{lstat} calls: cheap enough to run before every login.
+    """
+    real_root = os.path.realpath(root)
+    inside = real_root.rstrip("/") + "/"
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(inside):
+        return path, real
+    for sub in ("cur", "new", "tmp"):
+        candidate = os.path.join(path, sub)
+        try:
+            if not stat.S_ISLNK(os.lstat(candidate).st_mode):
+                continue
+        except OSError:
+            continue
+        target = os.path.realpath(candidate)
+        if target != real_root and not target.startswith(inside):
+            return candidate, target
+    return None
 
 
 def ensure_maildir(path: str) -> None:

@@ -5,11 +5,19 @@ it is put into a path, the session lock (an exclusive C{flock} on
 C{popservice.lock}, see L{popservice.stores.lock}) and opening a mailbox
 (create the Maildir, lock it, scan it).  Delivery (L{IMailDelivery}) is in
 L{popservice.stores.maildir.delivery}; it never takes the session lock.
+
+Mail is read and written only below the I{mail root}: the template's fixed
+part before C{%u} (C{/srv/mail} for C{/srv/mail/%u}), or the user's home for
+a C{~} template.  A Maildir that a symbolic link leads out of it is refused
+with L{MailboxForbidden} (unless C{allow_symlinks}), and so is a Maildir
+owned by another uid than the one C{owner_of} gives for its user (the
+passwd-file's uid field), when it gives one.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import unicodedata
 from collections.abc import Callable
@@ -24,17 +32,18 @@ from popservice.interfaces import (
     IMailboxLock,
     IMailDelivery,
     IMailStore,
+    MailboxForbidden,
     MailboxUnavailable,
     NoSuchMailbox,
 )
 from popservice.stores.lock import LOCK_FILE_NAME, FcntlMailboxLock
 from popservice.stores.maildir.delivery import deliver_into, maildir_exists
 from popservice.stores.maildir.importers import DEFAULT_DOVECOT_UIDL_FORMAT, DovecotUIDLFormat
-from popservice.stores.maildir.layout import ensure_maildir
+from popservice.stores.maildir.layout import ensure_maildir, outside_root
 from popservice.stores.maildir.mailbox import MaildirMailbox, _translate
 from popservice.stores.maildir.scan import scan_maildir
 
-__all__ = ["MaildirStore", "valid_user_name"]
+__all__ = ["MaildirStore", "expected_uid", "valid_user_name"]
 
 log = Logger(namespace="popservice.stores.maildir")
 
@@ -73,6 +82,10 @@ class MaildirStore:
     @param lock_factory: makes the session lock from the Maildir path when
         C{lock_policy} is C{"exclusive"} (default: L{FcntlMailboxLock} on
         C{<maildir>/popservice.lock}).
+    @param allow_symlinks: open a Maildir even when a symbolic link leads it
+        (or its cur/new/tmp) out of the mail root (L{mail_root}).
+    @param owner_of: the uid (a number or a user name, as the passwd-file's
+        uid field) a user's Maildir must belong to, or C{None} (any owner).
     """
 
     def __init__(
@@ -82,6 +95,8 @@ class MaildirStore:
         lock_policy: str = "exclusive",
         dovecot_uidl_format: str = DEFAULT_DOVECOT_UIDL_FORMAT,
         lock_factory: Callable[[str], IMailboxLock] | None = None,
+        allow_symlinks: bool = False,
+        owner_of: Callable[[str], str | None] | None = None,
     ) -> None:
         if lock_policy not in ("exclusive", "none"):
             raise ValueError(f"lock_policy must be 'exclusive' or 'none', not {lock_policy!r}")
@@ -90,6 +105,8 @@ class MaildirStore:
         self.lock_policy = lock_policy
         self.uidl_format = DovecotUIDLFormat(dovecot_uidl_format)
         self._lock_factory = lock_factory
+        self.allow_symlinks = allow_symlinks
+        self.owner_of = owner_of
 
     @classmethod
     def from_description(cls, description: str, **kwargs: object) -> "MaildirStore":
@@ -143,6 +160,54 @@ class MaildirStore:
             path = home.rstrip("/") + path[1:] if home != "/" else path[1:] or "/"
         return path
 
+    def mail_root(self, user: str, home: str | None) -> str:
+        """
+        The directory C{user}'s Maildir must stay in: the template's fixed
+        part before C{%u} (its directory when that part ends inside a name),
+        the home for a C{~} template, the Maildir itself for a template
+        without C{%u}.  L{MailboxUnavailable} when it cannot be formed.
+        """
+        if self.template.startswith("~"):
+            if not home or "\x00" in home or not os.path.isabs(home):
+                raise MailboxUnavailable("no home directory for a '~' Maildir template")
+            return home.rstrip("/") or "/"
+        cut = self.template.replace("%%", "\x00\x00").find("%u")
+        if cut < 0:
+            return self.maildir_path(user, home)
+        prefix = self.template[:cut].replace("%%", "%")
+        root = prefix if prefix.endswith("/") else os.path.dirname(prefix)
+        return root.rstrip("/") or "/"
+
+    def _check_root(self, user: str, home: str | None, path: str) -> None:
+        """L{MailboxForbidden} when a symbolic link leads the Maildir out of the mail root."""
+        if self.allow_symlinks:
+            return
+        root = self.mail_root(user, home)
+        escape = outside_root(path, root)
+        if escape is not None:
+            raise MailboxForbidden(
+                "%s leads to %s, outside the mail root %s (a symbolic link; --allow-mail-symlinks "
+                "allows it)" % (escape[0], escape[1], root))
+
+    def _check_owner(self, user: str, path: str) -> None:
+        """L{MailboxForbidden} when the Maildir belongs to another uid than C{owner_of(user)}."""
+        if self.owner_of is None:
+            return
+        field = self.owner_of(user)
+        if not field:
+            return
+        expected = expected_uid(field)
+        if expected is None:
+            raise MailboxForbidden("the uid %r given for %s is no known user" % (field, user))
+        try:
+            owner = os.stat(path).st_uid
+        except OSError as e:
+            raise MailboxUnavailable("cannot look at Maildir %s: %s" % (path, e)) from e
+        if owner != expected:
+            raise MailboxForbidden(
+                "Maildir %s belongs to uid %d, not to uid %d of %s in the passwd-file "
+                "(--ignore-mail-owner allows it)" % (path, owner, expected, user))
+
     def _make_lock(self, path: str) -> IMailboxLock | None:
         if self.lock_policy == "none":
             return None
@@ -153,20 +218,23 @@ class MaildirStore:
     def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[IMailbox]":
         """
         Deferred firing with the locked, scanned L{MaildirMailbox} of C{user};
-        failing with L{MailboxInUse} or L{MailboxUnavailable} only.
+        failing with L{MailboxInUse} or L{MailboxUnavailable} only
+        (L{MailboxForbidden}: outside the mail root, or another owner's).
         """
         try:
             path = self.maildir_path(user, home)
+            self._check_root(user, home, path)
         except MailboxUnavailable as e:
             return defer.fail(e)
-        return defer.Deferred.fromCoroutine(self._open(path))
+        return defer.Deferred.fromCoroutine(self._open(path, user))
 
-    async def _open(self, path: str) -> IMailbox:
+    async def _open(self, path: str, user: str = "") -> IMailbox:
         lock = self._make_lock(path)
         try:
             if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("cur", "new", "tmp")):
                 # Usually there already: one stat here instead of a thread hop.
                 await deferToThread(ensure_maildir, path)
+            self._check_owner(user, path)
             if lock is not None:
                 await defer.maybeDeferred(lock.acquire)
             messages = await deferToThread(scan_maildir, path, self.uidl_format)
@@ -209,4 +277,25 @@ class MaildirStore:
             path = self.maildir_path(user, home)
         except MailboxUnavailable as e:
             return defer.fail(NoSuchMailbox(str(e)))
-        return deferToThread(deliver_into, path, message, key)
+        try:
+            self._check_root(user, home, path)
+        except MailboxUnavailable as e:
+            return defer.fail(e)
+        if self.owner_of is None:
+            return deferToThread(deliver_into, path, message, key)
+        return deferToThread(self._deliver_owned, user, path, message, key)
+
+    def _deliver_owned(self, user: str, path: str, message: bytes, key: str | None) -> bool:
+        if os.path.isdir(path):
+            self._check_owner(user, path)
+        return deliver_into(path, message, key)
+
+
+def expected_uid(field: str) -> int | None:
+    """A passwd-file uid field (a number or a user name) as a uid; C{None} for an unknown name."""
+    if field.isdigit():
+        return int(field)
+    try:
+        return pwd.getpwnam(field).pw_uid
+    except KeyError:
+        return None
