@@ -19,6 +19,7 @@ from popservice.interfaces import ISessionObserver
 from popservice.sasl.base import MechanismFactory
 from popservice.server.policy import PeerTracker, Policy
 from popservice.server.realm import SessionRegistry
+from popservice.server.scheduler import FairScheduler, MemoryTrimmer
 from popservice.server.trace import Tracer
 
 
@@ -44,6 +45,13 @@ class ServerConfig:
     trace: Tracer | None = None
     #: --client-quirks: opt-in workarounds by name (popservice.server.quirks)
     client_quirks: frozenset[str] = frozenset()
+    #: commands one connection may send per second (a token bucket; 0: no limit) and its burst
+    commands_per_second: float = 2000.0
+    command_burst: float = 4000.0
+    #: commands per reactor turn for all connections with a backlog together (fairness)
+    turn_budget: int = 256
+    #: write-buffer bytes before a connection's producer is paused (Twisted's default is 64 KiB)
+    write_buffer: int = 32768
 
 
 class ServerHub(Protocol):
@@ -57,6 +65,9 @@ class ServerHub(Protocol):
     peers: PeerTracker
     #: user -> time of the last successful login (RFC 2449 LOGIN-DELAY)
     last_login: dict[str, float]
+    #: the fair queue of backlogged connections, and the heap trimmer (popservice.server.scheduler)
+    scheduler: FairScheduler
+    trimmer: MemoryTrimmer
     #: a graceful stop is under way: refuse new connections, end sessions at their next command
     stopping: bool
 

@@ -24,6 +24,7 @@ from popservice.server.events import LogObserver
 from popservice.server.policy import PeerTracker
 from popservice.server.protocol import POP3ServerProtocol
 from popservice.server.realm import MailRealm, SessionRegistry
+from popservice.server.scheduler import FairScheduler, MemoryTrimmer
 
 
 class POP3ServerFactory(ServerFactory):
@@ -51,6 +52,8 @@ class POP3ServerFactory(ServerFactory):
         self.clock: IReactorTime = clock
         self.connections: set[POP3ServerProtocol] = set()
         self.peers = PeerTracker()
+        self.scheduler = FairScheduler(clock, self.config.turn_budget)
+        self.trimmer = MemoryTrimmer(clock)
         #: user -> time of the last successful login (RFC 2449 LOGIN-DELAY)
         self.last_login: dict[str, float] = {}
         #: a graceful stop is under way (L{begin_shutdown}): new connections are
@@ -117,6 +120,7 @@ class POP3ServerFactory(ServerFactory):
         unless a graceful stop is under way (L{begin_shutdown}), which lets
         sessions end in their own time, up to its grace period.
         """
+        self.trimmer.stop()
         if self.stopping:
             return
         self.abort_connections("server shutdown")

@@ -11,8 +11,12 @@ the timers and flow control:
   - the protocol is the transport's streaming producer: when the client stops
     reading and the transport's buffer fills, the protocol stops both sending
     and reading, so a pipelining client that never reads costs bounded memory;
-  - at most C{commands_per_turn} commands are handled per reactor turn, so a
+  - at most C{commands_per_turn} commands are handled per turn; a connection
+    with more buffered waits for its next turn in the server's fair queue
+    (L{popservice.server.scheduler}), with a budget per reactor turn for all
+    backlogged connections together, and a per-connection command rate, so a
     flood of pipelined commands cannot starve other connections;
+  - the answers of one turn leave in one write;
   - a closing connection reads on (and discards) until it is gone, so TLS sees
     the peer's close_notify or EOF; after C{CLOSE_GRACE} it is aborted.
 """
@@ -33,11 +37,12 @@ from popservice.server.config import ServerHub
 from popservice.server.events import new_session_id, session_summary
 from popservice.server.i18n import localise
 from popservice.server.login import SASL_LINE, Authorization, apop_timestamp
+from popservice.server.scheduler import CommandRate
 from popservice.server.session import MailboxSession
 from popservice.server.trace import SessionTrace
 from popservice.server.transaction import Transaction, open_session
 from popservice.server.transfer import MessageTransfer
-from popservice.server.transport import peer_certificate, set_nodelay
+from popservice.server.transport import peer_certificate, set_nodelay, set_write_buffer
 from popservice.states import State, legal
 
 _LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS"})
@@ -62,8 +67,10 @@ class POP3ServerProtocol(Protocol):
     log = Logger()
     factory: ServerHub
 
-    commands_per_turn = 32
+    commands_per_turn = 8
     input_high_water = 4096
+    #: answers of a turn are written together; bodies go out once this much is pending
+    output_batch = 16384
 
     state: State
     user: str | None
@@ -95,6 +102,13 @@ class POP3ServerProtocol(Protocol):
         self._closing = False
         self._bad_commands = 0
         self._turn_call: IDelayedCall | None = None
+        #: waiting in the fair queue (or for the command rate): buffer only
+        self._scheduled = False
+        self._rate_limited = False
+        self._rate: CommandRate | None = None
+        #: the answers of the current turn, written together when it ends
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._idle_call: IDelayedCall | None = None
         self._login_call: IDelayedCall | None = None
         self._close_call: IDelayedCall | None = None
@@ -133,6 +147,12 @@ class POP3ServerProtocol(Protocol):
         transport: Any = self.transport
         self.session_id = new_session_id()
         set_nodelay(transport)
+        # A peer that does not read holds at most this much in our write buffer.
+        set_write_buffer(transport, self.factory.config.write_buffer)
+        config_rate = self.factory.config.commands_per_second
+        if config_rate > 0:
+            self._rate = CommandRate(config_rate, self.factory.config.command_burst,
+                                     self.factory.clock.seconds())
         peer = transport.getPeer()
         self.peer_host = getattr(peer, "host", None)
         self.tls = ISSLTransport.providedBy(transport)
@@ -192,6 +212,8 @@ class POP3ServerProtocol(Protocol):
         self.event("logout", reason=self.end_reason, tls=self.tls, method=self.login.method,
                    seconds=round(self.factory.clock.seconds() - self._connected_at, 3),
                    listener=self.listener, bytes_out=self.bytes_out, **session_summary(session))
+        self.factory.scheduler.discard(self)
+        self.factory.trimmer.connection_closed()
         self.factory.connection_closed(self)
 
     def release_mailbox(self) -> "defer.Deferred[Any]":
@@ -207,6 +229,8 @@ class POP3ServerProtocol(Protocol):
         self.end_reason = reason
         self._closing = True
         self._command_done()
+        self._flush()
+        self.factory.scheduler.discard(self)
         transport: Any = self.transport
         # TLS does not close while a producer is registered: unregister first
         # (what is already written is still flushed).
@@ -275,6 +299,7 @@ class POP3ServerProtocol(Protocol):
 
     def start_tls(self) -> None:
         """RFC 2595 section 4: TLS now; anything pipelined after STLS was sent in the clear."""
+        self._flush()  # the +OK goes out in the clear, before the handshake
         # Discard it (RFC 2595 section 4; the CVE-2011-0411 command injection).
         self.reader.clear()
         transport: Any = self.transport
@@ -367,8 +392,9 @@ class POP3ServerProtocol(Protocol):
         if self._closed:
             return
         high = max(self.input_high_water, self.reader.max_length + 2)
-        # A closing connection reads on (discarding) until it is gone.
-        want = self._closing or self.reader.buffered < high
+        # A closing connection reads on (discarding) until it is gone; one over
+        # its command rate stops reading until it may go on.
+        want = self._closing or (not self._rate_limited and self.reader.buffered < high)
         if want != self._reading:
             self._reading = want
             transport: Any = self.transport
@@ -381,6 +407,19 @@ class POP3ServerProtocol(Protocol):
         if self._closing:
             return
         self.reader.feed(data)
+        if self._scheduled or self._rate_limited:
+            # Its turn comes from the fair queue or the rate timer: only buffer now.
+            self._update_reading()
+            return
+        self._run()
+
+    def run_turn(self) -> int:
+        """FairScheduler: this connection's turn has come."""
+        self._scheduled = False
+        return self._run()
+
+    def _rate_resume(self) -> None:
+        self._rate_limited = False
         self._run()
 
     def wait(self) -> None:
@@ -391,11 +430,12 @@ class POP3ServerProtocol(Protocol):
         if not self._closed:
             self._run()
 
-    def _run(self) -> None:
-        """Do bounded work: pump body chunks and answer buffered commands in order."""
+    def _run(self) -> int:
+        """Do bounded work: pump body chunks and answer buffered commands in order; how many."""
         if self._running or self._closed:
-            return
+            return 0
         self._running = True
+        handled = 0
         try:
             budget = self.commands_per_turn
             while not self._paused and not self._closing and not self._waiting:
@@ -409,21 +449,35 @@ class POP3ServerProtocol(Protocol):
                     else:
                         transfer.pump()
                     continue
-                if budget <= 0:
-                    if self._turn_call is None or not self._turn_call.active():
-                        self._turn_call = self.factory.clock.callLater(0, self._run)
-                    break
                 if self._command is not None:
                     # an answer that came later (login, SASL step, failure delay) is out
                     self._command_done()
+                if budget <= 0:
+                    if self.reader.buffered:
+                        # More is buffered: wait for the next turn in the fair queue.
+                        self._scheduled = True
+                        self.factory.scheduler.enqueue(self)
+                    break
+                if self._rate is not None and self.reader.buffered:
+                    wait = self._rate.wait(self.factory.clock.seconds())
+                    if wait > 0:
+                        self._rate_limited = True
+                        if self._turn_call is None or not self._turn_call.active():
+                            self._turn_call = self.factory.clock.callLater(wait, self._rate_resume)
+                        break
                 line = self.reader.next_line()
                 if line is None:
                     break
+                if self._rate is not None:
+                    self._rate.consume()
                 budget -= 1
+                handled += 1
                 self._handle_line(line)
         finally:
             self._running = False
+            self._flush()
         self._update_reading()
+        return handled
 
     def reply(self, response: bytes) -> None:
         """Write a response, its status text in the session's language (RFC 6856 LANG)."""
@@ -434,6 +488,23 @@ class POP3ServerProtocol(Protocol):
             self.bytes_out += len(data)
             if self.trace is not None:
                 self.trace.server(data, self._transfer)
+            if not self._running:
+                self.transport.write(data)  # type: ignore[union-attr]
+                return
+            # Within a turn: the answers leave together (one write per pipelined batch).
+            self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size >= self.output_batch:
+                self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_size = 0
+        if not self._closed:
             self.transport.write(data)  # type: ignore[union-attr]
 
     def event(self, name: str, **fields: object) -> None:

@@ -44,3 +44,17 @@ def peer_certificate(transport: Any) -> Any:
         return get_peer()
     except Exception:
         return None
+
+
+def set_write_buffer(transport: Any, size: int) -> None:
+    """
+    How much the socket's write buffer may hold before the connection's
+    producer is paused (Twisted's default is 64 KiB): under any TLS wrapper.
+    """
+    if size <= 0:
+        return
+    while transport is not None:
+        if hasattr(transport, "bufferSize") and hasattr(transport, "dataBuffer"):
+            transport.bufferSize = size
+            return
+        transport = getattr(transport, "transport", None)

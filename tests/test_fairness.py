@@ -1,0 +1,154 @@
+"""
+Fairness and memory under floods (popservice.server.scheduler and the shell):
+the fair queue's round robin and budget, the command rate, the heap trimmer,
+one write per turn, and, over real sockets, a well-behaved client answered
+while flooders still have thousands of commands waiting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from popservice.server.scheduler import CommandRate, FairScheduler, MemoryTrimmer
+from popservice.stores.memory import MemoryStore
+from tests.support import RawClient, ServerMixin, make_factory, memory_checker
+
+
+class Busy:
+    def __init__(self, name: str, work: int, scheduler: FairScheduler, log: list[str],
+                 per_turn: int = 8) -> None:
+        self.name, self.work, self.scheduler, self.log, self.per_turn = name, work, scheduler, log, per_turn
+
+    def run_turn(self) -> int:
+        done = min(self.per_turn, self.work)
+        self.work -= done
+        self.log.append(self.name)
+        if self.work:
+            self.scheduler.enqueue(self)
+        return done
+
+
+class Turns:
+    """A clock whose callLater(0) calls run one reactor turn at a time (L{step})."""
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> Any:
+        call = task.Clock().callLater(delay, f, *args)  # a DelayedCall object for active()/cancel()
+        self.pending.append(call)
+        return call
+
+    def seconds(self) -> float:
+        return 0.0
+
+    def step(self) -> None:
+        due, self.pending = self.pending, []
+        for call in due:
+            if call.active():
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
+class Scheduler(unittest.TestCase):
+    def test_round_robin_within_a_budget_per_turn(self) -> None:
+        clock = Turns()
+        scheduler = FairScheduler(clock, budget=16)  # type: ignore[arg-type]
+        log: list[str] = []
+        a, b, c = (Busy(n, 24, scheduler, log) for n in "abc")
+        for x in (a, b, c):
+            scheduler.enqueue(x)
+        scheduler.enqueue(a)  # already queued: once only
+        clock.step()
+        self.assertEqual(log, ["a", "b"])  # 16 commands a turn: two turns of 8
+        clock.step()
+        self.assertEqual(log, ["a", "b", "c", "a"])
+        while clock.pending:
+            clock.step()
+        self.assertEqual(log, ["a", "b", "c", "a", "b", "c", "a", "b", "c"])
+        self.assertEqual(len(scheduler), 0)
+
+    def test_discard(self) -> None:
+        clock = task.Clock()
+        scheduler = FairScheduler(clock)
+        log: list[str] = []
+        a, b = Busy("a", 8, scheduler, log), Busy("b", 8, scheduler, log)
+        scheduler.enqueue(a)
+        scheduler.enqueue(b)
+        scheduler.discard(a)
+        clock.advance(0)
+        self.assertEqual(log, ["b"])
+
+
+class Rate(unittest.TestCase):
+    def test_token_bucket(self) -> None:
+        rate = CommandRate(10.0, 3.0, now=100.0)
+        for _ in range(3):
+            self.assertEqual(rate.wait(100.0), 0.0)
+            rate.consume()
+        self.assertAlmostEqual(rate.wait(100.0), 0.1)
+        self.assertEqual(rate.wait(100.15), 0.0)
+        rate.consume()
+        self.assertGreater(rate.wait(100.15), 0.0)
+        self.assertEqual(rate.wait(200.0), 0.0)  # refilled, capped at the burst
+        self.assertEqual(rate.tokens, 3.0)
+
+
+class Trimmer(unittest.TestCase):
+    def test_trims_after_many_closes(self) -> None:
+        clock = task.Clock()
+        trimmer = MemoryTrimmer(clock, every=3, delay=1.0)
+        if trimmer._trim is None:
+            raise unittest.SkipTest("no glibc malloc_trim here")
+        for _ in range(5):
+            trimmer.connection_closed()
+        clock.advance(1.0)
+        self.assertEqual(trimmer.trims, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class CountingTransportClient(RawClient):
+    pass
+
+
+class Floods(ServerMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_one_write_per_pipelined_batch(self) -> Any:
+        store = MemoryStore({"alice": [b"Subject: x\n\nbody\n"]})
+        factory = make_factory(store, [memory_checker(alice="secret")])
+        self.listen(factory)
+        client = yield self.login()
+        (server,) = list(factory.connections)
+        writes: list[bytes] = []
+        real = server.transport.write
+        self.patch(server.transport, "write", lambda data: (writes.append(data), real(data)))
+        client.send(b"NOOP\r\n" * 8)
+        for _ in range(8):
+            self.assertEqual((yield client.line()), b"+OK")
+        self.assertEqual(writes, [b"+OK\r\n" * 8])
+
+    @defer.inlineCallbacks
+    def test_well_behaved_client_answered_while_flooders_wait(self) -> Any:
+        users = {"u%d" % i: [b"Subject: x\n\nbody\n"] for i in range(20)}
+        users["good"] = [b"Subject: g\n\nbody\n"]
+        factory = make_factory(MemoryStore(users),
+                               [memory_checker(**{u: "pw" for u in users})], turn_budget=64)
+        self.listen(factory)
+        flooders = []
+        for i in range(20):
+            client = yield self.login("u%d" % i, "pw")
+            flooders.append(client)
+        good = yield self.login("good", "pw")
+        for client in flooders:
+            client.send(b"NOOP\r\n" * 5000)  # 100,000 commands in all
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        r = yield good.command(b"STAT")
+        self.assertTrue(r.startswith(b"+OK 1 "), r)
+        # The answer did not wait for the flood: the flooders' answers are far from all out.
+        answered = sum(client.buffer.count(b"+OK\r\n") for client in flooders)
+        self.assertLess(answered, 50000)
+        for client in flooders:
+            client.transport.abortConnection()
