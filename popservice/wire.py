@@ -286,7 +286,10 @@ def _status_line(status: bytes, text: str, code: str | None) -> bytes:
     body = text.encode("utf-8").replace(b"\r", b" ").replace(b"\n", b" ")
     line = status + (b" " + body if body else b"")
     if len(line) + 2 > MAX_RESPONSE_LINE:
-        line = line[: MAX_RESPONSE_LINE - 2]
+        cut = MAX_RESPONSE_LINE - 2
+        while cut > 0 and line[cut] & 0xC0 == 0x80:
+            cut -= 1  # never inside a UTF-8 character
+        line = line[:cut]
     return line + CRLF
 
 
