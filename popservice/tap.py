@@ -167,7 +167,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "(PLAIN, LOGIN, CRAM-MD5, DIGEST-MD5, SCRAM-SHA-1, SCRAM-SHA-256, EXTERNAL, OAUTHBEARER, "
          "XOAUTH2), 'none', or 'auto': what every user's stored secret supports."],
         ["tls-client-ca", None, None, "PEM CA certificate(s): request TLS client certificates on STLS "
-         "and verify them against these (for SASL EXTERNAL)."],
+         "and on implicit TLS (ssl:, --listen-tls) and verify them against these (for SASL EXTERNAL)."],
         ["external-identity", None, "cn", "How EXTERNAL maps a client certificate to a user: "
          "cn, email or email-localpart."],
         ["oauth-keys", None, None, "PEM public key/certificate or JWKS file validating OAUTHBEARER/"
@@ -386,7 +386,7 @@ def makeService(options: Any) -> service.IService:
     top = ListeningServices()
     observability(options, factory, top)
     # Graceful stop, SIGHUP reload and systemd notifications (popservice.server.lifecycle).
-    lifecycle = ServerLifecycle(factory, grace=options["shutdown-grace"])
+    lifecycle = ServerLifecycle(factory, grace=options["shutdown-grace"], client_ca=options["tls-client-ca"])
     proxies = options["proxy-trusted-networks"]
     listeners = [(d, False) for d in options["listen"]] + [(d, True) for d in options["listen-tls"]]
     for description, implicit_tls in listeners:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import endpoints
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -160,12 +161,14 @@ class _CapturingReactor:
         self.context_factory = contextFactory
 
 
-def ssl_description_options(description: str) -> Any:
+def ssl_description_options(description: str, client_ca: str | None = None) -> Any:
     """
     The TLS options Twisted builds for the C{ssl:} endpoint string
     C{description}, its key and certificate files read now (every C{ssl:}
     option applies: C{extraCertChain}, C{dhParameters}, C{sslmethod}).
-    Nothing listens.
+    Nothing listens.  With C{client_ca} (a PEM file of CA certificates),
+    client certificates are requested (not required) and verified against it,
+    as on STLS: SASL EXTERNAL on implicit TLS.
 
     @raise ValueError: C{description} is not an C{ssl:} endpoint.
     """
@@ -174,7 +177,29 @@ def ssl_description_options(description: str) -> Any:
     endpoint.listen(Factory.forProtocol(Protocol))
     if capture.context_factory is None:
         raise ValueError("not an ssl: endpoint")
+    if client_ca is not None:
+        request_client_certificates(capture.context_factory, client_ca)
     return capture.context_factory
+
+
+def request_client_certificates(options: Any, client_ca: str) -> None:
+    """
+    Make C{options} (Twisted's server TLS options) ask clients for a
+    certificate and verify one they send against C{client_ca}; a client
+    without a certificate is still served (as C{CertificateOptions(verify=True,
+    requireCertificate=False)} does).
+    """
+    with open(client_ca, "rb") as f:
+        pem = f.read()
+    cas = [crypto.load_certificate(crypto.FILETYPE_PEM, m.group(0))
+           for m in re.finditer(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)]
+    if not cas:
+        raise ValueError("no certificate found in %s" % (client_ca,))
+    context = options.getContext()
+    store = context.get_cert_store()
+    for ca in cas:
+        store.add_cert(ca)
+    context.set_verify(SSL.VERIFY_PEER, lambda connection, cert, errno, depth, ok: bool(ok))
 
 
 class ReloadingTLSReactor:
@@ -187,16 +212,19 @@ class ReloadingTLSReactor:
     """
 
     def __init__(self, reactor: Any, description: str,
-                 register: Callable[[ReloadableServerTLS], object]) -> None:
+                 register: Callable[[ReloadableServerTLS], object], client_ca: str | None = None) -> None:
         self._reactor = reactor
         self._description = description
         self._register = register
+        self._client_ca = client_ca
 
     def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50,
                   interface: str = "") -> IListeningPort:
-        description = self._description
-        tls = ReloadableServerTLS(lambda: ssl_description_options(description), "listener ssl:%d" % (port,),
-                                  current=contextFactory)
+        description, client_ca = self._description, self._client_ca
+        if client_ca is not None:
+            request_client_certificates(contextFactory, client_ca)
+        tls = ReloadableServerTLS(lambda: ssl_description_options(description, client_ca),
+                                  "listener ssl:%d" % (port,), current=contextFactory)
         self._register(tls)
         listening: IListeningPort = self._reactor.listenSSL(port, factory, tls, backlog, interface)
         return listening

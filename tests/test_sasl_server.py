@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import crypto
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet import ssl as tssl
 from twisted.trial import unittest
@@ -31,7 +32,7 @@ from popservice.sasl.server import DEFAULT_MECHANISMS, mechanisms_from_option
 from popservice.server.factory import ServerConfig, makeServer
 from popservice.server.policy import Policy
 from popservice.stores.memory import MemoryStore
-from tests.support import ServerMixin, record_events, recv_line
+from tests.support import ServerMixin, record_events, recv_line, shutdown
 from tests.test_sasl_mechanisms import GS2Client, digest_client
 
 MESSAGE = b"Subject: x\n\nbody\n"
@@ -576,3 +577,45 @@ class External(SASLServerTestCase):
         r = yield client.command(b"AUTH EXTERNAL =")
         self.assertTrue(r.startswith(b"-ERR [AUTH]"), r)
         yield self.assertAlive(client)
+
+
+class ExternalImplicitTLS(External):
+    """
+    The EXTERNAL tests again on an implicit-TLS (ssl:) listener: with
+    --tls-client-ca its TLS asks for client certificates too
+    (popservice.tlsutil.ssl_description_options, what ssl: listeners use).
+    """
+
+    def start(self, **config: Any) -> int:
+        from popservice.tlsutil import ssl_description_options
+
+        server_pem = os.path.join(self.dir, "server.pem")
+        with open(server_pem, "wb") as f:
+            f.write(crypto.dump_privatekey(crypto.FILETYPE_PEM, self.tls.privateKey))
+            f.write(crypto.dump_certificate(crypto.FILETYPE_PEM, self.tls.certificate))
+        description = "ssl:0:privateKey=%s:certKey=%s" % (server_pem, server_pem)
+        context = ssl_description_options(description, client_ca=self.ca_pem)
+        config.pop("tls_context", None)
+        config = ServerConfig(hostname="test.example", sasl=mechanisms_from_option(self.mechanisms),
+                              sasl_services=self.services, policy=self.policy, **config)
+        factory = makeServer(self.store, [self.checker], config)
+        port = reactor.listenSSL(0, factory, context, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(shutdown, port, factory)
+        return int(port.getHost().port)
+
+    def run_client(self, port: int, certfile: str | None, commands: list[bytes]) -> list[bytes]:
+        """Implicit TLS from the first byte (the STLS answer stood at out[0]), certificate, commands."""
+        context = ssl.create_default_context(cafile=self.ca_pem)
+        if certfile is not None:
+            context.load_cert_chain(certfile)
+        out = [b"+OK implicit TLS"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                recv_line(tls)
+                for command in commands:
+                    tls.sendall(command + b"\r\n")
+                    out.append(recv_line(tls)[:-2])
+        return out
+
+    def test_not_before_tls(self) -> None:
+        raise unittest.SkipTest("an implicit-TLS listener has no 'before TLS'")

@@ -91,7 +91,8 @@ class ServerLifecycle(service.Service):
     """
 
     def __init__(self, factory: POP3ServerFactory, *, grace: float = DEFAULT_GRACE, reactor: Any = None,
-                 notify: Callable[[str], object] = sdnotify.notify, handle_signals: bool = True) -> None:
+                 notify: Callable[[str], object] = sdnotify.notify, handle_signals: bool = True,
+                 client_ca: str | None = None) -> None:
         """
         @param grace: seconds sessions get to end at stop (then they are aborted).
         @param notify: sends a systemd notification (L{sdnotify.notify}).
@@ -101,6 +102,8 @@ class ServerLifecycle(service.Service):
             from twisted.internet import reactor
         #: the server's factory (as a listening service's C{factory} is)
         self.factory = factory
+        #: --tls-client-ca: ssl: listeners request client certificates too (EXTERNAL on implicit TLS)
+        self.client_ca = client_ca
         self.grace = grace
         self.reactor: Any = reactor
         self.handle_signals = handle_signals
@@ -132,7 +135,7 @@ class ServerLifecycle(service.Service):
                 raise ValueError("implicit TLS needs a certificate and key")
             served = TLSMemoryBIOFactory(context, False, served)
         base = reactor if reactor is not None else self.reactor
-        wrapper = ReloadingTLSReactor(base, description, self._add_tls)
+        wrapper = ReloadingTLSReactor(base, description, self._add_tls, client_ca=self.client_ca)
         return strports.service(description, served, reactor=cast(IReactorCore, wrapper))
 
     def _add_tls(self, context: ReloadableServerTLS) -> None:
