@@ -7,6 +7,8 @@ Shared by both engines (no Twisted):
     delivery      the crash-safe fetch: DeliverySession, FetchOptions, FetchResult
     journal       the per-account journal of delivered UIDLs, and its lock
     targets       the Maildir, mbox and MDA delivery targets
+    forward       the LMTP and SMTP forwarding target (smtplib, loaded only for it)
+    accounts      the accounts of a config file (TOML); one account's fetch, prepared and told
     durability    syncfs, sync_file_range, fsync of a directory
     progress      the progress bar
 
@@ -21,10 +23,12 @@ The Twisted engine:
     tls           client TLS: chain and name checked, any failure fails the handshake
     connect       URL to a connected, verified-TLS, logged-in POP3Client
     fetch         the fetch loop over a POP3Client
+    daemon        fetch --daemon: every account polled on its schedule, with backoff
 
 The command line:
     cli           argument parsing for fetch, probe and migrate; main
     cli_fetch     runs fetch (either engine)
+    cli_accounts  runs fetch --config (the accounts once, or the daemon)
     cli_probe     runs probe
     cli_migrate   runs migrate
     cli_credentials  user name and password/token sources

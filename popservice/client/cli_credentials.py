@@ -29,8 +29,12 @@ def _command_output(cmd: str) -> str:
     return out.decode("utf-8").splitlines()[0] if out else ""
 
 
-def resolve_credentials(args: argparse.Namespace, url: POP3URL) -> Credentials:
-    """User name and password/token from the options, the environment, netrc or a prompt."""
+def resolve_credentials(args: argparse.Namespace, url: POP3URL, prompt: bool = True) -> Credentials:
+    """
+    User name and password/token from the options, the environment, netrc or
+    a prompt (only with C{prompt} and a terminal: never for a config file's
+    accounts).  Raises C{SystemExit} with the reason when there is none.
+    """
     username = args.user or url.user
     if not username:
         import getpass
@@ -56,7 +60,7 @@ def resolve_credentials(args: argparse.Namespace, url: POP3URL) -> Credentials:
         if entry[0] and not (args.user or url.user):
             username = entry[0]
         password = entry[2]
-    elif sys.stdin.isatty():
+    elif prompt and sys.stdin.isatty():
         import getpass
 
         password = getpass.getpass(f"Password for {username}@{url.host}: ")

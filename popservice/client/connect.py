@@ -28,6 +28,8 @@ __all__ = ["POP3URL", "connect", "open_connection", "parse_url", "tls_options"]
 class _OneClientFactory(ClientFactory):
     """Connect exactly one given protocol instance; C{connected} fires when the TCP connection is up."""
 
+    noisy = False  # no "Starting factory" per connection (the fetch daemon makes many)
+
     def __init__(self, client: POP3Client) -> None:
         self.client = client
         self.connected: defer.Deferred[None] = defer.Deferred()

@@ -19,13 +19,18 @@ C{lock}); records are lines:
                                  when a crash came between the two)
     B <offset>                   an mbox batch starts at <offset> (fsynced first)
     C                            the D lines since the last B are committed
-    I <uidl>                     an MDA is about to run for <uidl>
+    I <uidl>                     an MDA is about to run for <uidl>, or it is about
+                                 to be forwarded (LMTP/SMTP)
+    X <uidl>                     ... and the receiving server refused it: nothing
+                                 to warn about
 
 A torn last line (no LF) is ignored and cut off.  Recovery at start-up: Maildir
 renames are completed and our orphaned tmp/ files removed; an mbox batch
 without C{C} is truncated away (its D lines do not count); an MDA run without
 its D may or may not have delivered (an MDA cannot be rolled back): it is run
-again (at-least-once) and a warning says so.  Compaction rewrites the journal
+again (at-least-once) and a warning says so; so is a forwarding whose D is
+missing (L{popservice.client.forward}: the receiving server may have
+accepted it just before the crash).  Compaction rewrites the journal
 as D lines for the UIDLs still on the server, atomically (temporary file,
 fsync, rename, fsync directory).
 
@@ -59,17 +64,19 @@ from popservice.client.targets import (
     MaildirTarget,
     MboxTarget,
     MDATarget,
+    MessageRefused,
     Target,
-    make_target,
 )
+from popservice.client.targets import make_target as _make_local_target
 
 TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up; see popservice.value)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 __all__ = [
     "DeliveryError", "DeliverySession", "FetchOptions", "FetchResult", "Journal",
-    "MaildirTarget", "MboxTarget", "MDATarget", "Progress", "StateLocked", "Target",
+    "MaildirTarget", "MboxTarget", "MDATarget", "MessageRefused", "Progress", "StateLocked", "Target",
     "fsync_dir", "make_target",
     # re-exported for the engines and older imports
     "SYNC_FILE_RANGE_WRITE", "start_writeback", "syncfs",
@@ -83,14 +90,26 @@ class FetchOptions:
     """How a fetch runs (keyword arguments; every one has a default)."""
 
     __slots__ = ("batch_bytes", "batch_messages", "early_writeback", "keep", "limit", "max_size",
-                 "threaded_sync", "window")
+                 "on_reject", "stop", "threaded_sync", "window")
 
     def __init__(self, *, keep: bool = False, limit: int | None = None, max_size: int | None = None,
                  window: int = 32, batch_messages: int = 256, batch_bytes: int = 16 * 1024 * 1024,
-                 threaded_sync: bool = False, early_writeback: bool = True) -> None:
+                 threaded_sync: bool = False, early_writeback: bool = True, on_reject: str = "keep",
+                 stop: Callable[[], bool] | None = None) -> None:
+        if on_reject not in ("keep", "delete"):
+            raise ValueError(f"on_reject must be keep or delete, not {on_reject!r}")
         self.keep = keep
         self.limit = limit
         self.max_size = max_size
+        #: a message a receiving server refused permanently (5xx; forwarding
+        #: targets): C{"keep"} it on the POP3 server unrecorded (it is tried
+        #: again by every run, and reported each time), or C{"delete"}: record
+        #: it as handled (DELE'd unless C{keep}) and report it once
+        self.on_reject = on_reject
+        #: asked before each new RETR (Twisted engine): once it returns True no
+        #: more are sent; what is in flight is received, committed and DELE'd,
+        #: and the session ends normally (the daemon's SIGTERM)
+        self.stop = stop
         #: outstanding RETRs when the server pipelines
         self.window = window
         #: messages / bytes per durability batch
@@ -119,6 +138,13 @@ class FetchResult:
         self.deleted = 0
         self.skipped_size = 0
         self.already = 0
+        #: refused for now by a receiving server (4xx): left on the server for the next run
+        self.deferred = 0
+        #: refused permanently (5xx): kept on the server, or dropped (FetchOptions.on_reject)
+        self.rejected = 0
+        self.rejected_dropped = False
+        #: the run was asked to stop (FetchOptions.stop) before it had fetched everything
+        self.stopped = False
         self.seconds = 0.0
         self.warnings: list[str] = []
 
@@ -131,6 +157,13 @@ class FetchResult:
             parts.append(f"{self.already} already fetched")
         if self.skipped_size:
             parts.append(f"{self.skipped_size} skipped (too large)")
+        if self.deferred:
+            parts.append(f"{self.deferred} deferred by the receiving server (kept for the next run)")
+        if self.rejected:
+            fate = "recorded and dropped" if self.rejected_dropped else "kept on server"
+            parts.append(f"{self.rejected} rejected by the receiving server ({fate})")
+        if self.stopped:
+            parts.append("stopped early")
         # the count before the run less what it deleted (the deletions take effect at QUIT)
         parts.append(f"{self.total_on_server - self.deleted} left on server")
         return ", ".join(parts)
@@ -160,7 +193,9 @@ class DeliverySession:
         self.batch_uids: list[str] = []
         self.batch_writers: list[Any] = []
         self.batch_bytes = 0
-        self._mda = isinstance(target, MDATarget)
+        self._immediate = target.immediate
+        #: permanently refused messages recorded anyway (FetchOptions.on_reject "delete")
+        self._dropped: set[str] = set()
 
     def plan(self, uidls: Sequence[tuple[int, str]],
              sizes: Mapping[int, int]) -> tuple[list[tuple[int, str, int]], list[int]]:
@@ -207,8 +242,14 @@ class DeliverySession:
         self.batch_bytes += stored
         self.progress.advance(stored)
         opts = self.options
-        return (self._mda or len(self.batch_uids) >= opts.batch_messages
+        return (self._immediate or len(self.batch_uids) >= opts.batch_messages
                 or self.batch_bytes >= opts.batch_bytes)
+
+    @property
+    def stopping(self) -> bool:
+        """Has the fetch been asked to send no more RETRs (L{FetchOptions.stop})?"""
+        stop = self.options.stop
+        return stop is not None and stop()
 
     def store(self, uid: str, chunks: list[bytes]) -> bool:
         """A complete message for a L{MaildirTarget}; True when the batch is full."""
@@ -218,17 +259,43 @@ class DeliverySession:
         return self._add(uid, writer, writer.size)
 
     def finished(self, uid: str, writer: Any) -> bool:
-        """A message written through C{target.open(...).write}; True when the batch is full."""
+        """
+        A message written through C{target.open(...).write}; True when the
+        batch is full.  An L{immediate <Target.immediate>} target hands it on
+        here (blocking: the Twisted engine calls this in a thread for them); a
+        message the receiver refused (L{MessageRefused}) is counted and left
+        out of the batch (False), so it is neither recorded nor DELE'd.
+        """
         target = self.target
         try:
             stored = target.finished(writer)
-            if isinstance(target, MDATarget):
+            if self._immediate:
                 target.deliver(uid, writer)
+        except MessageRefused as refused:
+            with contextlib.suppress(Exception):
+                target.abort(writer)
+            return self._refused(uid, writer, stored, refused)
         except BaseException:
             with contextlib.suppress(Exception):
                 target.abort(writer)
             raise
         return self._add(uid, writer, stored)
+
+    def _refused(self, uid: str, writer: Any, stored: int, refused: MessageRefused) -> bool:
+        result = self.result
+        if refused.temporary:
+            result.deferred += 1
+            result.warnings.append(f"{refused}: left on the server for the next run")
+        else:
+            result.rejected += 1
+            if self.options.on_reject == "delete":
+                result.rejected_dropped = True
+                result.warnings.append(f"{refused}: recorded as handled and dropped (on-reject delete)")
+                self._dropped.add(uid)
+                return self._add(uid, writer, 0)
+            result.warnings.append(f"{refused}: kept on the server (every run tries it again)")
+        self.progress.advance(stored)
+        return False
 
     def take_batch(self) -> tuple[list[str], list[Any], int]:
         batch = self.batch_uids, self.batch_writers, self.batch_bytes
@@ -243,7 +310,7 @@ class DeliverySession:
         """
         self.target.commit(self.journal, uids, writers)
         result = self.result
-        result.fetched += len(uids)
+        result.fetched += len(uids) - (len(self._dropped.intersection(uids)) if self._dropped else 0)
         result.bytes += nbytes
         if self.options.keep:
             return []
@@ -268,3 +335,25 @@ class DeliverySession:
             with contextlib.suppress(Exception):
                 self.target.abort(w)
         self.batch_uids, self.batch_writers, self.batch_bytes = [], [], 0
+
+
+def make_target(spec: str, *, username: str, state_dir: str, crlf: bool = False,
+                warn: Callable[[str], None] = print, tag: str = "", sync: str = "batch",
+                recipients: Sequence[str] = (), timeout: float = 60.0) -> Target:
+    """
+    A delivery target from its spec: C{maildir:PATH}, C{mbox:PATH},
+    C{mda:COMMAND} (L{popservice.client.targets.make_target}), or a
+    forwarding one (L{popservice.client.forward}): C{lmtp:HOST:PORT},
+    C{lmtp:/path/to/socket}, C{smtp:HOST[:PORT]} for C{recipients}
+    (LMTP: the local user name when empty; SMTP needs at least one).  The
+    forwarding module, and smtplib, are imported only for those.
+    """
+    kind = spec.partition(":")[0]
+    if kind in ("lmtp", "smtp"):
+        from popservice.client.forward import make_forward_target
+
+        return make_forward_target(spec, recipients=recipients, timeout=timeout, warn=warn)
+    if recipients:
+        raise ValueError("recipients only apply to lmtp: and smtp: targets")
+    return _make_local_target(spec, username=username, state_dir=state_dir, crlf=crlf, warn=warn,
+                              tag=tag, sync=sync)

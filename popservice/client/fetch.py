@@ -87,7 +87,12 @@ class Fetcher:
             self.progress.done()
         if self._deletes:
             yield defer.gatherResults(self._deletes, consumeErrors=True)
-        self.target.close()
+        if self.target.immediate:  # a forwarding target's QUIT blocks: not in the reactor
+            from twisted.internet import threads
+
+            yield threads.deferToThread(self.target.close)
+        else:
+            self.target.close()
         self.result.seconds = time.monotonic() - started
         return self.result
 
@@ -132,7 +137,7 @@ class Fetcher:
             return d.addCallback(prepared)
 
         try:
-            while queue and len(pending) < window:
+            while queue and len(pending) < window and not session.stopping:
                 issue()
             while pending:
                 uid, size, chunks, d = pending.popleft()
@@ -145,8 +150,15 @@ class Fetcher:
                     session.abort([writer])
                     raise
                 del chunks[:]
-                full = session.finished(uid, writer)
-                if queue:
+                if target.immediate:
+                    # an MDA or a forwarding target blocks: a thread, so the
+                    # reactor (other accounts, in the daemon) goes on meanwhile
+                    from twisted.internet import threads
+
+                    full = yield threads.deferToThread(session.finished, uid, writer)
+                else:
+                    full = session.finished(uid, writer)
+                if queue and not session.stopping:
                     issue()
                 if full:
                     if syncing is not None:
@@ -157,6 +169,8 @@ class Fetcher:
                 syncing = None
             if session.batch_uids:
                 yield flush_batch()
+            if queue:
+                self.result.stopped = True
         except BaseException:
             for _, _, _, d in pending:  # they fail with the connection: nothing to report twice
                 d.addErrback(lambda _: None)
@@ -193,8 +207,10 @@ class _MaildirDownload:
     def run(self) -> "defer.Deferred[None]":
         caps = self.client.capa
         window = self.fetcher.options.window if caps is not None and caps.pipelining else 1
-        while self.todo and self.outstanding < window:
+        while self.todo and self.outstanding < window and not self.session.stopping:
             self._issue()
+        if not self.outstanding:
+            self._finish()
         return self.done
 
     def _issue(self) -> None:
@@ -211,13 +227,18 @@ class _MaildirDownload:
         try:
             if self.session.store(uid, chunks):
                 self.fetcher._delete(self.session.flush())
-            if self.todo:
+            if self.todo and not self.session.stopping:
                 self._issue()
             elif not self.outstanding:
-                self.fetcher._delete(self.session.flush())
-                self.done.callback(None)
+                self._finish()
         except BaseException:
             self._abort(Failure())
+
+    def _finish(self) -> None:
+        if self.todo:  # asked to stop (FetchOptions.stop): what was received is committed
+            self.fetcher.result.stopped = True
+        self.fetcher._delete(self.session.flush())
+        self.done.callback(None)
 
     def _failed(self, f: Failure) -> None:
         self.outstanding -= 1

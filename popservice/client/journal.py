@@ -12,11 +12,27 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 from collections.abc import Sequence
 
 from popservice.client.durability import CLOEXEC, fsync_dir, write_all
 
-__all__ = ["Journal", "StateLocked"]
+TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up; see popservice.value)
+if TYPE_CHECKING:
+    from popservice.client.url import POP3URL
+
+__all__ = ["Journal", "StateLocked", "default_state_dir"]
+
+
+def default_state_dir(url: POP3URL, username: str) -> str:
+    """
+    An account's journal directory when none is given:
+    C{$XDG_STATE_HOME/popservice/fetch/USER@HOST:PORT} (the journal belongs
+    to the mailbox, whichever command or config file fetches from it).
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    name = re.sub(r"[^A-Za-z0-9@._:+-]", "_", f"{username}@{url.host}:{url.port}")
+    return os.path.join(base, "popservice", "fetch", name)
 
 
 class StateLocked(Exception):
@@ -88,6 +104,8 @@ class Journal:
                 self.open_mbox_batch = None
             elif op == "I" and len(parts) == 2:
                 self.mda_unknown.add(parts[1])
+            elif op == "X" and len(parts) == 2:
+                self.mda_unknown.discard(parts[1])
 
     @property
     def needs_compaction(self) -> bool:

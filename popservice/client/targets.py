@@ -25,11 +25,32 @@ TYPE_CHECKING = False  # (typing is not imported at run time: it costs start-up;
 if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
-__all__ = ["DeliveryError", "MaildirTarget", "MboxTarget", "MDATarget", "Target", "make_target"]
+__all__ = [
+    "DeliveryError", "MaildirTarget", "MboxTarget", "MDATarget", "MessageRefused", "Target", "make_target",
+]
 
 
 class DeliveryError(Exception):
-    """A message could not be delivered locally (nothing was deleted)."""
+    """
+    A message could not be delivered (nothing was deleted); the run stops.
+    C{temporary}: worth trying again later (the receiving server was
+    unreachable, or said 421), else it needs someone's attention.
+    """
+
+    temporary = False
+
+
+class MessageRefused(Exception):
+    """
+    A receiving server (L{popservice.client.forward}) refused one message:
+    that message is not recorded (unless the options say to drop a permanent
+    refusal) and stays on the POP3 server, and the run goes on with the next.
+    C{temporary}: some recipient got a 4xx answer (the next run tries again).
+    """
+
+    def __init__(self, text: str, temporary: bool) -> None:
+        super().__init__(text)
+        self.temporary = temporary
 
 
 class Target:
@@ -39,6 +60,10 @@ class Target:
     crlf = False
     #: may L{prepare} run in a thread while the next messages are written?
     threadable = False
+    #: each message is handed on by L{deliver} as soon as it is complete, and
+    #: committed on its own (a batch of one): an MDA or a forwarding target,
+    #: which cannot take a message back once it has it
+    immediate = False
     description = ""
 
     def recover(self, journal: Journal) -> None:
@@ -54,6 +79,14 @@ class Target:
 
     def abort(self, writer: Any) -> None:
         """The download failed: forget this message."""
+
+    def deliver(self, uid: str, writer: Any) -> None:
+        """
+        (L{immediate} targets) Hand a finished message on; raises
+        L{MessageRefused} when the receiver refused this message, or
+        L{DeliveryError} when delivery cannot go on (the run stops).  Blocking.
+        """
+        raise NotImplementedError
 
     def prepare(self, writers: list[Any]) -> None:
         """Make a batch durable (may run in a thread: no journal, no reactor)."""
@@ -301,7 +334,9 @@ class MboxTarget(Target):
         self._batch_started = False
 
     def close(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1  # never closed twice: the number may belong to another file by then
+        if fd >= 0:
+            os.close(fd)
 
 
 class MDATarget(Target):
@@ -310,6 +345,8 @@ class MDATarget(Target):
     An MDA cannot be rolled back: a crash while it runs means it runs again
     for that message (at-least-once, with a warning), never that mail is lost.
     """
+
+    immediate = True
 
     def __init__(self, command: str, username: str, state_dir: str,
                  warn: Callable[[str], None]) -> None:
