@@ -6,7 +6,7 @@ the one table in L{popservice.states} and hands it to the object for the
 current state: L{Authorization} before login (L{popservice.server.login}),
 L{Transaction} after (L{popservice.server.transaction}).  It writes their
 answers, streams message bodies (L{popservice.server.transfer}), and owns
-the timers and flow control:
+the timers (L{popservice.server.timeouts}) and flow control:
 
   - the protocol is the transport's streaming producer: when the client stops
     reading and the transport's buffer fills, the protocol stops both sending
@@ -39,6 +39,7 @@ from popservice.server.i18n import localise
 from popservice.server.login import SASL_LINE, Authorization, apop_timestamp
 from popservice.server.scheduler import CommandRate
 from popservice.server.session import MailboxSession
+from popservice.server.timeouts import SessionTimers
 from popservice.server.trace import SessionTrace
 from popservice.server.transaction import Transaction, open_session
 from popservice.server.transfer import MessageTransfer
@@ -47,8 +48,6 @@ from popservice.states import State, legal
 
 _LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS"})
 
-#: RFC 1939 section 3: the autologout timer is at least 10 minutes once logged in.
-MIN_TRANSACTION_TIMEOUT = 600.0
 
 #: Once the server closes (QUIT, errors), the peer has this long to read the
 #: last answer and close its side (a TLS peer: send its close_notify or EOF);
@@ -61,7 +60,7 @@ SHUTTING_DOWN = "server shutting down"
 
 
 @implementer(IPushProducer, IHandshakeListener)
-class POP3ServerProtocol(Protocol):
+class POP3ServerProtocol(SessionTimers, Protocol):
     """One POP3 connection (RFC 1939, 2449, 2595); implements L{popservice.server.shell.Shell}."""
 
     log = Logger()
@@ -317,61 +316,6 @@ class POP3ServerProtocol(Protocol):
         self._transfer = transfer
 
     # ------------------------------------------------------------------
-    # Timeouts
-
-    def _start_handshake_timer(self) -> None:
-        """A TLS handshake must finish within a few seconds; bytes do not extend it."""
-        timeout = self.factory.config.policy.handshake_timeout
-        if timeout > 0:
-            self._handshake_call = self.factory.clock.callLater(timeout, self._handshake_timed_out)
-
-    def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS handshake is done."""
-        if self._handshake_call is not None and self._handshake_call.active():
-            self._handshake_call.cancel()
-        self.event("tls_established")
-
-    def _handshake_timed_out(self) -> None:
-        self.end_reason = "TLS handshake timeout"
-        transport: Any = self.transport
-        transport.abortConnection()
-
-    def _idle_timeout(self) -> float:
-        timeout = float(self.factory.config.timeout)
-        if self.state is State.TRANSACTION:
-            return max(timeout, MIN_TRANSACTION_TIMEOUT)
-        return timeout
-
-    def touch(self) -> None:
-        """
-        Note activity.  The timer itself is only moved when it fires early
-        (see L{_idle_check}): a float store per command, not a reschedule.
-        """
-        self._last_activity = self.factory.clock.seconds()
-        if self._idle_call is None or not self._idle_call.active():
-            self._idle_call = self.factory.clock.callLater(self._idle_timeout(), self._idle_check)
-
-    def _idle_check(self) -> None:
-        remaining = self._last_activity + self._idle_timeout() - self.factory.clock.seconds()
-        if remaining > 0:
-            self._idle_call = self.factory.clock.callLater(remaining, self._idle_check)
-        else:
-            self._timed_out()
-
-    def _timed_out(self) -> None:
-        self.reply(wire.err("Disconnected for inactivity", "SYS/TEMP"))
-        self._abort_soon("idle timeout")
-
-    def _login_timed_out(self) -> None:
-        if self.state is State.AUTHORIZATION:
-            self.reply(wire.err("Login took too long", "AUTH"))
-            self._abort_soon("login timeout")
-
-    def _abort_soon(self, reason: str) -> None:
-        """Close; if the peer does not read the last words within 5 s, abort."""
-        self.close(reason, grace=5.0)
-
-    # ------------------------------------------------------------------
     # Flow control (IPushProducer towards the transport)
 
     def pauseProducing(self) -> None:
@@ -489,7 +433,7 @@ class POP3ServerProtocol(Protocol):
             if self.trace is not None:
                 self.trace.server(data, self._transfer)
             if not self._running:
-                self.transport.write(data)  # type: ignore[union-attr]
+                self.transport.write(data)
                 return
             # Within a turn: the answers leave together (one write per pipelined batch).
             self._out.append(data)
@@ -505,7 +449,7 @@ class POP3ServerProtocol(Protocol):
         out.clear()
         self._out_size = 0
         if not self._closed:
-            self.transport.write(data)  # type: ignore[union-attr]
+            self.transport.write(data)
 
     def event(self, name: str, **fields: object) -> None:
         if self.trace is not None:
