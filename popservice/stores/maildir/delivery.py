@@ -237,14 +237,21 @@ def _fsync_directory(path: str) -> None:
 
 
 def _write_file(path: str, data: bytes) -> None:
+    """Write and fsync a new file; a failure (ENOSPC, EFBIG, EIO) leaves nothing behind."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
 
 
 def _move_into_new(tmp: str, new: str) -> None:

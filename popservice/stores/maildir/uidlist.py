@@ -181,6 +181,24 @@ _tmp_counter = 0
 _tmp_lock = threading.Lock()
 
 
+#: a temporary index file older than this is a crash's leftover (a write takes milliseconds)
+STALE_TEMPORARY = 3600.0
+
+
+def _remove_stale_temporaries(path: str, prefix: str) -> None:
+    """Remove C{prefix}* files in C{path} older than L{STALE_TEMPORARY}: left by a killed server."""
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(path) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        full = os.path.join(path, name)
+        with contextlib.suppress(OSError):
+            if now - os.lstat(full).st_mtime > STALE_TEMPORARY:
+                os.unlink(full)
+
+
 def _write_index(path: str, index: _Index) -> bytes:
     """
     Replace the index atomically: temporary file, fsync, rename, fsync the
@@ -212,6 +230,7 @@ def _write_index(path: str, index: _Index) -> bytes:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _remove_stale_temporaries(path, INDEX_FILE_NAME + ".tmp.")
     try:
         dfd = os.open(path, os.O_RDONLY | _CLOEXEC)
     except OSError:
