@@ -10,9 +10,12 @@ once to check they counted every session.  On a busy shared machine those
 figures move by more than the difference, so the script also times, in
 process, what the server does more per session with metrics: the same
 events (connect, 5 commands, login, logout) through the log observer alone
-and through the log and metrics observers (CPU time, best of 15).
+and through the log and metrics observers (CPU time, best of 15); and
+C{--instructions N} counts the instructions per session of each server
+under valgrind's callgrind, which no other load disturbs.
 
     .venv/bin/python bench/metrics_cost.py [--clients 10] [--seconds 4] [--rounds 6] [--together]
+    .venv/bin/python bench/metrics_cost.py --instructions 300     # needs valgrind; a few minutes
 
 Everything on 127.0.0.1, fixtures under a temporary directory.
 """
@@ -66,16 +69,17 @@ def build(root: str, users: int) -> str:
 
 
 class Server:
-    def __init__(self, root: str, passwd: str, name: str, metrics: bool) -> None:
+    def __init__(self, root: str, passwd: str, name: str, metrics: bool, prefix: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None, timeout: float = 30) -> None:
         self.port = free_port()
         self.metrics_port = free_port() if metrics else None
-        argv = [TWISTD, "-n", "--pidfile=", "-l", os.path.join(root, name + ".log"), "pop3",
+        argv = [*prefix, TWISTD, "-n", "--pidfile=", "-l", os.path.join(root, name + ".log"), "pop3",
                 "--mail", "maildir:%s/mail/%%u" % root, "--auth", "passwd-file:" + passwd,
                 "--listen", "tcp:%d:interface=127.0.0.1" % self.port, "--failure-delay", "0"]
         if self.metrics_port:
             argv += ["--metrics", "tcp:%d:interface=127.0.0.1" % self.metrics_port]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
@@ -87,10 +91,10 @@ class Server:
                 raise RuntimeError("server %s did not start" % (name,))
             time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(10)
+            self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
 
@@ -174,6 +178,39 @@ def observer_cost(n: int = 5000, repeats: int = 15) -> dict[str, float]:
     return {name: 1e6 * seconds for name, seconds in best.items()}
 
 
+def instructions(root: str, passwd: str, metrics: bool, clients: int, sessions: int) -> float:
+    """
+    Instructions (user space) per session, counted by valgrind's callgrind in a
+    server that runs under it: deterministic where CPU time on a shared machine
+    is not.  Counting is switched on (callgrind_control) only around the sessions.
+    """
+    name = "callgrind-%s" % ("on" if metrics else "off")
+    out = os.path.join(root, name)
+    server = Server(root, passwd, name, metrics, timeout=600,
+                    prefix=("valgrind", "--tool=callgrind", "--instr-atstart=no",
+                            "--callgrind-out-file=%s.%%p" % out),
+                    env=dict(os.environ, PYTHONHASHSEED="0"))
+    try:
+        drive([server.port], clients, 3.0)  # warm up, not counted
+        pid = str(server.process.pid)
+        subprocess.run(["callgrind_control", "-i", "on", pid], capture_output=True, check=True)
+        done = 0
+        while done < sessions:
+            done += drive([server.port], clients, 2.0)[0]
+        subprocess.run(["callgrind_control", "-i", "off", pid], capture_output=True, check=True)
+        subprocess.run(["callgrind_control", "-d", pid], capture_output=True, check=True)
+    finally:
+        server.stop(120)
+    total = 0
+    for entry in os.listdir(root):
+        if entry.startswith(name + "."):
+            with open(os.path.join(root, entry)) as f:
+                for line in f:
+                    if line.startswith(("summary:", "totals:")):
+                        total = max(total, int(line.split()[1]))
+    return total / done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
@@ -181,7 +218,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--together", action="store_true",
                         help="drive both servers at the same time (C clients each) instead of in turn")
+    parser.add_argument("--instructions", type=int, metavar="N", default=0,
+                        help="instead: instructions per session over N sessions, each server under valgrind")
     args = parser.parse_args()
+    if args.instructions:
+        root = tempfile.mkdtemp(prefix="popservice-metrics-cost-")
+        try:
+            passwd = build(root, args.clients)
+            counts = {name: instructions(root, passwd, name == "on", args.clients, args.instructions)
+                      for name in ("off", "on")}
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print("instructions per session (user space, callgrind): off %.0f  on %.0f  on/off %.3f"
+              % (counts["off"], counts["on"], counts["on"] / counts["off"]))
+        return
     root = tempfile.mkdtemp(prefix="popservice-metrics-cost-")
     try:
         passwd = build(root, 2 * args.clients)

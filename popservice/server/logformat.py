@@ -57,11 +57,13 @@ def event_as_json(event: LogEvent) -> str:
     out: dict[str, Any] = {"time": _time(event), "level": _level(event)}
     if event.get("log_namespace") == SESSION_NAMESPACE and "event" in event:
         out["event"] = event["event"]
+        if "session_id" in event:  # the session events' field, named session here
+            out["session"] = event["session_id"]
         for key in SESSION_FIELDS:
             if key in event:
                 out[key] = event[key]
         for key, value in event.items():
-            if key not in out and not key.startswith("log_"):
+            if key not in out and key != "session_id" and not key.startswith("log_"):
                 out[key] = value
     else:
         out["event"] = event.get("log_namespace") or "log"

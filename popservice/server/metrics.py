@@ -216,6 +216,10 @@ class MetricsObserver:
     # -- ISessionObserver
 
     def event(self, name: str, session: object, **fields: Any) -> None:
+        self.event_fields(name, session, fields)
+
+    def event_fields(self, name: str, session: object, fields: dict[str, Any]) -> None:
+        """L{event} without copying the fields (L{popservice.server.events.Observers} calls this)."""
         handler = self._handlers.get(name)
         if handler is not None:
             handler(fields)
