@@ -617,5 +617,21 @@ class ExternalImplicitTLS(External):
                     out.append(recv_line(tls)[:-2])
         return out
 
-    def test_not_before_tls(self) -> None:
-        raise unittest.SkipTest("an implicit-TLS listener has no 'before TLS'")
+    @defer.inlineCallbacks
+    def test_not_before_tls(self) -> Any:
+        """There is no plaintext phase here: a client speaking POP3 in the clear gets no greeting."""
+        port = self.start()
+
+        def plaintext() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(b"AUTH EXTERNAL =\r\n")
+                data = b""
+                try:
+                    while chunk := raw.recv(4096):
+                        data += chunk
+                except OSError:
+                    pass
+                return data
+
+        data = yield threads.deferToThread(plaintext)
+        self.assertFalse(data.startswith(b"+OK"), data)
