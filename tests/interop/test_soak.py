@@ -392,8 +392,13 @@ class Soak:
             return
         for n in rng.sample(numbers, min(len(numbers), rng.randint(0, 4))):
             self.retr(c, user, n)
-        excess = max(0, len(numbers) - self.target)
-        k = min(len(numbers), excess + rng.randint(0, 3) if excess or rng.random() < 0.2 else 0)
+        # the mailbox is kept between half the target and the target (deliveries pause at twice it)
+        if len(numbers) > self.target:
+            k = len(numbers) - self.target + rng.randint(0, 3)
+        elif len(numbers) > self.target // 2 and rng.random() < 0.2:
+            k = rng.randint(1, 3)
+        else:
+            k = 0
         doomed = rng.sample(numbers, k)
         if doomed:
             c.send(b"".join(b"DELE %d\r\n" % n for n in doomed))
