@@ -11,6 +11,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from popservice.fsutil import fsync_dir as fsync_dir  # shared with the Maildir store
+
 __all__ = ["CLOEXEC", "SYNC_FILE_RANGE_WRITE", "fsync_dir", "start_writeback", "syncfs", "write_all"]
 
 #: os.O_CLOEXEC where the platform has it
@@ -79,15 +81,6 @@ def syncfs(fd: int) -> bool:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return True
-
-
-def fsync_dir(path: str) -> None:
-    """Make C{path}'s entries (created, renamed, removed names) durable."""
-    fd = os.open(path, os.O_RDONLY | CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -58,6 +58,7 @@ from collections.abc import Iterator
 
 from twisted.logger import Logger
 
+from popservice.fsutil import fsync_dir
 from popservice.interfaces import MailboxUnavailable
 from popservice.stores.maildir.layout import ensure_maildir
 from popservice.wire import transmitted_size
@@ -225,15 +226,7 @@ class DeliveredKeys:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_directory(self.maildir)
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | _CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.maildir)
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -327,7 +320,7 @@ def _deliver(path: str, message: bytes, key: str | None, now: float) -> bool:
                 except FileExistsError:
                     os.unlink(tmp)
                     continue
-                _fsync_directory(os.path.join(path, "new"))
+                fsync_dir(os.path.join(path, "new"))
                 # The message is durable: only now may its key say so.
                 if digest is not None:
                     try:
