@@ -515,13 +515,14 @@ class World:
             self.port, self.tls_port = free_port(), free_port()
             if self.port == self.tls_port:
                 continue
-            self.process = subprocess.Popen(
-                self.command_line(),
-                cwd=self.root,
-                stdin=subprocess.DEVNULL,
-                stdout=open(os.path.join(self.root, "twistd.out"), "wb"),
-                stderr=subprocess.STDOUT,
-            )
+            with open(os.path.join(self.root, "twistd.out"), "wb") as out:  # the child keeps its copy
+                self.process = subprocess.Popen(
+                    self.command_line(),
+                    cwd=self.root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             try:
                 self._wait_ready()
                 return
