@@ -824,6 +824,7 @@ class Run:
         sampler = MemSampler(server.root_pid)
         sampler.start()
         probe = Probe(self.ctx, server.port)
+        load_before = os.getloadavg()[0]
         try:
             t_start = time.monotonic()
             time.sleep(2.0 if memory else 0.5)
@@ -841,6 +842,9 @@ class Run:
             sampler.stop()
         tag = scenario
         name = server.name
+        # The machine is shared (2 CPUs, other work): every figure stands beside the load it met.
+        self.put(tag, name, "load average (1 min) at start / end",
+                 "%.1f / %.1f" % (load_before, os.getloadavg()[0]))
         ok = [lat for _t, lat, err in probe_results if err is None]
         failed = [(t, err) for t, _lat, err in probe_results if err is not None]
         if ok:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
     """One message of a mailbox listing, frozen at login."""
 
@@ -34,8 +34,26 @@ class MessageInfo:
     uid: str
 
 
+@dataclass(frozen=True)
+class LockHolder:
+    """
+    Who holds a mailbox lock, as the lock records it: a popservice process on
+    this host (C{pid}, a random per-process C{token}), the path of that
+    process's control socket (C{None}: it takes no requests) and the name its
+    session registry knows the session by.
+    """
+
+    pid: int
+    token: str
+    control: "str | None"
+    user: "str | None"
+
+
 class MailboxInUse(Exception):
     """The mailbox is locked by another session (RFC 2449 [IN-USE])."""
+
+    #: who holds it, when the lock records that (another process may be asked to let an idle session go)
+    holder: "LockHolder | None" = None
 
 
 class MailboxUnavailable(Exception):
@@ -68,6 +86,15 @@ class IMessageStream(Interface):
 
     def close() -> None:
         """Release the stream (file handle, cursor).  Safe to call twice."""
+
+
+class ISizedMessageStream(IMessageStream):
+    """
+    An L{IMessageStream} whose reader may size the next chunk: the server reads
+    small chunks for a peer that is not keeping up (popservice.server.pacing).
+    """
+
+    chunk_size = Attribute("The most octets the next read() returns; the reader may change it.")
 
 
 class IMailbox(Interface):

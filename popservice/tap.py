@@ -12,16 +12,20 @@ everything Twisted can listen on or check credentials with works here.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import crypto
 from twisted.application import service, strports
 from twisted.cred import checkers, credentials, strcred
 from twisted.internet import ssl
+from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
+from popservice.auth.cache import AuthCache, install_auth_cache
 from popservice.interfaces import IMailDelivery, IMailStore
 from popservice.server.events import Observers
 from popservice.server.factory import POP3ServerFactory, ServerConfig, makeServer
@@ -30,6 +34,14 @@ from popservice.server.listeners import ListenerFactory, listener_name
 from popservice.server.policy import Policy, parse_networks
 from popservice.server.startup import ListeningServices, check_options, passwd_uid
 from popservice.server.trace import Tracer
+from popservice.server.worker import (
+    AdoptingReactor,
+    ParentWatch,
+    adopted_description,
+    connection_share,
+    worker_fds,
+)
+from popservice.server.workers import ADOPTABLE_KINDS, supervisor
 from popservice.tlsutil import ReloadableServerTLS, usable
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
@@ -103,12 +115,21 @@ def store_delivers(description: str) -> bool:
     return IMailDelivery.implementedBy(cls)
 
 
-def lmtp_service(options: Any, factory: POP3ServerFactory) -> service.IService:
-    """The C{--lmtp} listener, delivering into the POP3 server's own store (homes from its checkers)."""
+def lmtp_service(options: Any, factory: POP3ServerFactory, fd: int | None = None) -> service.IService:
+    """
+    The C{--lmtp} listener, delivering into the POP3 server's own store (homes from its checkers).
+    C{fd}: a worker's socket from its parent (L{popservice.server.workers}).
+    """
     from popservice.delivery.lmtp import LMTPFactory
 
     realm: Any = factory.portal.realm  # popservice.server.realm.MailRealm
-    return strports.service(with_backlog(options["lmtp"]), LMTPFactory(realm.store, realm.directory))
+    served = LMTPFactory(realm.store, realm.directory)
+    if fd is not None:
+        from twisted.internet import reactor
+
+        return strports.service(adopted_description(options["lmtp"]), served,
+                                reactor=cast(IReactorCore, AdoptingReactor(reactor, fd)))
+    return strports.service(with_backlog(options["lmtp"]), served)
 
 
 def _bytes_users(checker: Any) -> None:
@@ -154,6 +175,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["failure-delay", None, 1.0, "Seconds before answering a failed login; doubles per failure.",
          float],
         ["max-failures", None, 5, "Failed logins before the connection is closed.", int],
+        ["auth-cache-ttl", None, 0, "Seconds a successful USER/PASS or SASL PLAIN login is remembered, "
+         "so the same user and password are not verified again (Dovecot's auth_cache_ttl); 0: no cache. "
+         "Kept as a keyed hash, never the password; a reloaded passwd-file forgets it.", float],
+        ["auth-cache-negative-ttl", None, 0, "With --auth-cache-ttl: seconds a failed password is "
+         "remembered (failure delays still apply); 0: failures are not.", float],
+        ["auth-cache-size", None, 10000, "With --auth-cache-ttl: users remembered at most (the least "
+         "recently used leave first), and as many failures.", int],
         ["max-sessions-per-user", None, 10, "With --lock none: concurrent sessions of one user.", int],
         ["max-connections", None, 10000, "Concurrent connections in all.", int],
         ["max-connections-per-ip", None, 50, "Concurrent connections from one untrusted address.", int],
@@ -191,8 +219,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["metrics", None, None, "Serve Prometheus metrics over HTTP on this endpoint, e.g. "
          "tcp:9110:interface=127.0.0.1 (needs prometheus_client: pip install 'popservice[metrics]')."],
         ["log-format", None, "text", "Log lines: text (twistd's) or json (one object per line)."],
+        ["runtime-dir", None, None, "Private directory (0700) for this server's control socket "
+         "(session-PID.sock), where other popservice processes sharing the mailboxes (--workers) ask it "
+         "to end sessions idle past --lock-grace; default: $POPSERVICE_RUNTIME_DIR, else none."],
         ["shutdown-grace", None, 10, "At stop (SIGTERM), seconds sessions get to end: UPDATE completes, "
          "other sessions get -ERR [SYS/TEMP] at their next command; then the rest are aborted.", float],
+        ["workers", None, 1, "Worker processes serving the same sockets, bound by a supervising parent "
+         "(1: this process serves). --max-connections(-per-ip) are shared out among them.", int],
+        ["worker-index", None, None, "Internal (set by --workers): this worker's number.", int],
+        ["worker-fds", None, None, "Internal (set by --workers): the listening sockets from the parent."],
     ]
     optFlags = [
         ["allow-plaintext-auth", None, "Accept passwords without TLS from any address (insecure)."],
@@ -210,6 +245,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         usage.Options.__init__(self)
         self["listen"] = []
         self["listen-tls"] = []
+        #: the arguments as given (--workers gives them to each worker)
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Any = None) -> None:
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        usage.Options.parseOptions(self, options)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:110 or ssl:995:privateKey=k.pem:certKey=c.pem (repeatable)."""
@@ -235,6 +276,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--listen-tls needs --tls-certificate and --tls-key")
         if not 0 <= self["shutdown-grace"] < float("inf"):
             raise usage.UsageError("--shutdown-grace must be a number of seconds, 0 or more")
+        self.check_workers()
         expire = str(self["expire"]).upper()
         if expire != "NEVER" and not expire.isdigit():
             raise usage.UsageError("--expire must be NEVER or a number of days")
@@ -272,6 +314,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         elif self["tls-client-ca"]:
             raise usage.UsageError("--tls-client-ca needs --tls-certificate and --tls-key")
         self["sasl-configuration"] = sasl_configuration(self)
+
+    def check_workers(self) -> None:
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["workers"] == 1 or self["worker-fds"] is not None:
+            return
+        for description in [*self["listen"], *self["listen-tls"], *([self["lmtp"]] if self["lmtp"] else [])]:
+            kind = description.split(":", 1)[0].strip().lower()
+            if kind not in ADOPTABLE_KINDS:
+                raise usage.UsageError("--workers: cannot pass %s listeners to workers (only %s)"
+                                       % (description, ", ".join(sorted(ADOPTABLE_KINDS))))
 
 
 def sasl_configuration(options: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -322,11 +375,13 @@ def make_factory(options: Any) -> POP3ServerFactory:
     elif options["tls-client-ca"]:
         raise usage.UsageError("--tls-client-ca needs --tls-certificate and --tls-key")
     mechanisms, services = options.get("sasl-configuration") or sasl_configuration(options)
+    # A worker of --workers N serves its part of the caps.
+    share = (options.get("workers") or 1) if options.get("worker-fds") is not None else 1
     policy = Policy(allow_plaintext_auth=bool(options["allow-plaintext-auth"]),
                     trusted_networks=options["trusted-networks"],
                     failure_delay=options["failure-delay"], max_failures=options["max-failures"],
-                    max_connections=options["max-connections"],
-                    max_connections_per_ip=options["max-connections-per-ip"],
+                    max_connections=connection_share(options["max-connections"], share),
+                    max_connections_per_ip=connection_share(options["max-connections-per-ip"], share),
                     handshake_timeout=options["handshake-timeout"], login_delay=options["login-delay"],
                     expire=options["expire"], trust_loopback=not options["untrusted-loopback"])
     config = ServerConfig(timeout=options["timeout"], login_timeout=options["login-timeout"],
@@ -342,9 +397,16 @@ def make_factory(options: Any) -> POP3ServerFactory:
     store = make_store(options["mail"], options["lock"], lease_ttl=options["lease-ttl"],
                        lock_grace=options["lock-grace"],
                        allow_symlinks=bool(options.get("allow-mail-symlinks")), owner_of=owner_of)
-    return makeServer(store, options["credCheckers"], config,
-                      lock_grace=options["lock-grace"], exclusive=options["lock"] == "exclusive",
-                      max_sessions=options["max-sessions-per-user"])
+    factory = makeServer(store, options["credCheckers"], config,
+                         lock_grace=options["lock-grace"], exclusive=options["lock"] == "exclusive",
+                         max_sessions=options["max-sessions-per-user"],
+                         runtime_dir=options.get("runtime-dir") or os.environ.get("POPSERVICE_RUNTIME_DIR"))
+    if options.get("auth-cache-ttl"):
+        # USER/PASS and SASL PLAIN answers remembered (popservice.auth.cache).
+        install_auth_cache(factory.portal, AuthCache(options["auth-cache-ttl"],
+                                                     options["auth-cache-negative-ttl"],
+                                                     options["auth-cache-size"], clock=factory.clock))
+    return factory
 
 
 #: Twisted listens with a backlog of 50: a burst of connections then loses
@@ -362,7 +424,7 @@ def with_backlog(description: str) -> str:
 
 def observability(options: Any, factory: POP3ServerFactory, top: ListeningServices) -> None:
     """C{--log-format json}; C{--metrics ENDPOINT}: a metrics observer beside the log, its HTTP listener."""
-    if options["log-format"] == "json":
+    if options["log-format"] == "json" and options.get("worker-fds") is None:  # a worker's parent writes
         from popservice.server.logformat import use_json_logs
 
         use_json_logs()
@@ -377,10 +439,37 @@ def observability(options: Any, factory: POP3ServerFactory, top: ListeningServic
         listeners = [*options["listen"], *options["listen-tls"]]
         metrics = MetricsObserver(listeners=[listener_name(d) for d in listeners])
         factory.observer = Observers([factory.observer, metrics])
-        top.listen(options["metrics"], strports.service(options["metrics"], metrics_site(metrics.registry)))
+        site: Any = metrics_site(metrics.registry)
+        if options.get("worker-fds") is not None:
+            # A worker of --workers N: its parent reads it (popservice.server.gathermetrics).
+            from popservice.server.gathermetrics import ExpositionFactory
+
+            site = ExpositionFactory(metrics.registry)
+        top.listen(options["metrics"], strports.service(options["metrics"], site))
+
+
+def workers_parent(options: Any) -> service.IService:
+    """
+    C{--workers N}: the parent binds every listener, then supervises N workers
+    serving them (L{popservice.server.workers}).
+    """
+    if options["log-format"] == "json":
+        from popservice.server.logformat import use_json_logs
+
+        use_json_logs()
+    lmtp = [options["lmtp"]] if options["lmtp"] else []
+    descriptions = [*options["listen"], *options["listen-tls"], *lmtp]
+    runtime_dir = options.get("runtime-dir") or os.environ.get("POPSERVICE_RUNTIME_DIR") or None
+    return supervisor(options.arguments, [with_backlog(d) for d in descriptions], options["workers"],
+                      grace=options["shutdown-grace"], runtime_dir=runtime_dir,
+                      pass_runtime_dir="runtime-dir" in options and runtime_dir is None,
+                      metrics=options["metrics"])
 
 
 def makeService(options: Any) -> service.IService:
+    fds = worker_fds(options.get("worker-fds"))
+    if fds is None and options.get("workers", 1) > 1:
+        return workers_parent(options)
     factory = make_factory(options)
     # A listener that cannot bind is one log line and exit status 1 (popservice.server.startup).
     top = ListeningServices()
@@ -389,21 +478,32 @@ def makeService(options: Any) -> service.IService:
     lifecycle = ServerLifecycle(factory, grace=options["shutdown-grace"], client_ca=options["tls-client-ca"])
     proxies = options["proxy-trusted-networks"]
     listeners = [(d, False) for d in options["listen"]] + [(d, True) for d in options["listen-tls"]]
-    for description, implicit_tls in listeners:
+    for index, (description, implicit_tls) in enumerate(listeners):
         # One shared factory; each listener names its connections (logs, metrics).
         served = ListenerFactory(factory, listener_name(description))
-        reactor = None
+        reactor: Any = None
+        listened = with_backlog(description)
+        if fds is not None:
+            # A worker of --workers N: the socket is the parent's, adopted under the same layers.
+            from twisted.internet import reactor as base
+
+            reactor = AdoptingReactor(base, fds[index])
+            listened = adopted_description(description)
         if proxies:
             # PROXY headers from trusted proxies, read below TLS (popservice.server.proxy).
             from popservice.server.proxy import listening_reactor
 
             deadline = options["handshake-timeout"] or options["login-timeout"]
-            reactor = listening_reactor(proxies, deadline, clock=factory.clock)
+            reactor = listening_reactor(proxies, deadline, reactor=reactor, clock=factory.clock)
         # The TLS of ssl: and --listen-tls listeners is read again on SIGHUP.
-        top.listen(description, lifecycle.listener(with_backlog(description), served, reactor=reactor,
+        top.listen(description, lifecycle.listener(listened, served, reactor=reactor,
                                                    implicit_tls=implicit_tls))
     if options["lmtp"]:
-        top.listen(options["lmtp"], lmtp_service(options, factory))
+        top.listen(options["lmtp"], lmtp_service(options, factory,
+                                                 fd=fds[len(listeners)] if fds is not None else None))
+    if fds is not None:
+        # The worker stops (gracefully) when its parent is gone.
+        top.addService(ParentWatch(options.get("worker-index") or 0))
     for checker in options["credCheckers"]:
         # Checkers that re-read their users from somewhere (--auth postgresql://) do it while serving.
         refresher = getattr(checker, "refresher", None)

@@ -29,7 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Final
 
-    from popservice.states import CommandSpec
+    from popservice.states import ArgKind, CommandSpec
 
 #: RFC 2449 section 4: a command line is at most 255 octets including CRLF.
 MAX_COMMAND_LINE = 255
@@ -76,11 +76,12 @@ class LineReader:
     caller decides how much work to do per read event (fairness, backpressure).
     """
 
-    #: bytes of one over-long line tolerated past C{max_length} before it is fatal
-    overflow_margin = 8192
+    __slots__ = ("max_length", "overflow_margin", "_buffer", "_discarding", "_discarded", "_fatal_pending")
 
     def __init__(self, max_length: int = MAX_COMMAND_LINE) -> None:
         self.max_length = max_length
+        #: bytes of one over-long line tolerated past C{max_length} before it is fatal
+        self.overflow_margin = 8192
         self._buffer = bytearray()
         self._discarding = False
         #: bytes of the current over-long line thrown away so far (-1: reported fatal)
@@ -199,6 +200,20 @@ class CommandError(Value):
 
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
 
+#: the command table and the argument kinds of L{popservice.states}, loaded at the first parse
+_table: tuple[dict[str, CommandSpec], type[ArgKind]] | None = None
+
+
+def _load_table() -> tuple[dict[str, CommandSpec], type[ArgKind]]:
+    # Imported here rather than with this module: clients use the framing in
+    # this module but never parse commands, and the table's enums cost the
+    # fetch client's start-up a few milliseconds.
+    global _table
+    from popservice.states import COMMANDS, ArgKind
+
+    _table = (COMMANDS, ArgKind)
+    return _table
+
 
 def _parse_number(raw: bytes, message: bool) -> int | str:
     if not raw.isdigit():  # ASCII digits only, for bytes
@@ -219,11 +234,7 @@ def parse_command(line: bytes) -> Command | CommandError:
     L{popservice.states}; PASS keeps the rest of the line as one argument
     because passwords may contain spaces.
     """
-    # The table is imported here rather than with this module: clients use the
-    # framing in this module but never parse commands, and the table's enums
-    # cost the fetch client's start-up a few milliseconds.
-    from popservice.states import COMMANDS, ArgKind
-
+    COMMANDS, ArgKind = _table or _load_table()  # noqa: N806 (the module's names)
     if b"\x00" in line:
         return CommandError(None, "invalid characters in command")
     keyword_raw, sep, rest = line.partition(b" ")

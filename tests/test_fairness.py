@@ -53,6 +53,30 @@ class Turns:
                 call.func(*call.args, **call.kw)
 
 
+class SlowTurns(Turns):
+    """L{Turns} whose time passes as the connections run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def seconds(self) -> float:
+        return self.now
+
+
+class Costly(Busy):
+    """A connection whose turn takes a millisecond of C{clock}."""
+
+    def __init__(self, name: str, work: int, scheduler: FairScheduler, log: list[str],
+                 clock: SlowTurns) -> None:
+        super().__init__(name, work, scheduler, log)
+        self.clock = clock
+
+    def run_turn(self) -> int:
+        self.clock.now += 0.001
+        return super().run_turn()
+
+
 class Scheduler(unittest.TestCase):
     def test_round_robin_within_a_budget_per_turn(self) -> None:
         clock = Turns()
@@ -70,6 +94,28 @@ class Scheduler(unittest.TestCase):
             clock.step()
         self.assertEqual(log, ["a", "b", "c", "a", "b", "c", "a", "b", "c"])
         self.assertEqual(len(scheduler), 0)
+
+    def test_time_slice_per_turn(self) -> None:
+        # Each connection's turn takes 1 ms; the slice is 2.5 ms: three turns per
+        # reactor turn, whatever is left of the command budget.
+        clock = SlowTurns()
+        scheduler = FairScheduler(clock, budget=1000, slice_seconds=0.0025)  # type: ignore[arg-type]
+        log: list[str] = []
+        a, b, c, d = (Costly(n, 16, scheduler, log, clock) for n in "abcd")
+        for x in (a, b, c, d):
+            scheduler.enqueue(x)
+        clock.step()
+        self.assertEqual(log, ["a", "b", "c"])
+        clock.step()
+        self.assertEqual(log, ["a", "b", "c", "d", "a", "b"])
+        # Without a slice the budget alone counts: all four in one turn.
+        clock = SlowTurns()
+        unsliced = FairScheduler(clock, budget=1000)  # type: ignore[arg-type]
+        log.clear()
+        for n in "abcd":
+            unsliced.enqueue(Costly(n, 16, unsliced, log, clock))
+        clock.step()
+        self.assertEqual(log, ["a", "b", "c", "d"])
 
     def test_discard(self) -> None:
         clock = task.Clock()

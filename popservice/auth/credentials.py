@@ -36,6 +36,7 @@ __all__ = [
     "CramMD5Credentials",
     "IHMACMD5ContextCredentials",
     "IMasterUserCredentials",
+    "IRecordsVersion",
     "ISASLSecretSource",
     "MasterUserCredentials",
     "SCRAMSecret",
@@ -338,3 +339,16 @@ class ISASLSecretSource(Interface):  # type: ignore[misc,unused-ignore]
 
     def sasl_password(user: str) -> bytes | None:  # type: ignore[empty-body,unused-ignore]
         """The plaintext password of C{user}, if stored recoverably."""
+
+
+class IRecordsVersion(Interface):  # type: ignore[misc,unused-ignore]
+    """
+    A user database whose records change while the server runs (a
+    passwd-file re-read when it changes, a users table refreshed): what
+    remembers its answers (L{popservice.auth.cache}) forgets them when the
+    version changes.
+    """
+
+    def records_version() -> int:  # type: ignore[empty-body,unused-ignore]
+        """The version of the records now, after looking whether they changed
+        (cheaply: at most a C{stat} now and then); each reload makes a new one."""

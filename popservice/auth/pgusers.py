@@ -26,11 +26,11 @@ from typing import Any
 
 from twisted.cred.strcred import ICheckerFactory, InvalidAuthArgumentString
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer  # type: ignore[import-untyped,unused-ignore]
 
+from popservice.auth.hashing import run_hashing
 from popservice.auth.passwdfile_format import PasswdRecord, parse_passwd_line
 from popservice.auth.schemes import PasswdFileError
 from popservice.auth.userdb import RecordChecker
@@ -80,7 +80,7 @@ class PostgresUserChecker(RecordChecker):
     """A L{RecordChecker} over the C{users} table, refreshed every C{refresh} seconds."""
 
     def __init__(self, url: str, *, refresh: float = 30.0,
-                 run_in_thread: Callable[[Callable[[], bool]], defer.Deferred[bool]] = deferToThread,
+                 run_in_thread: Callable[[Callable[[], bool]], defer.Deferred[bool]] = run_hashing,
                  db: Database | None = None) -> None:
         super().__init__(run_in_thread=run_in_thread)
         self.url = url
@@ -100,15 +100,25 @@ class PostgresUserChecker(RecordChecker):
         log.info("users table: {count} users", count=len(self._records))
 
     def refresh(self) -> "defer.Deferred[None]":
-        """Re-read the table in the pool's thread; on failure keep the last good copy."""
-        def loaded(rows: list[tuple[Any, ...]]) -> None:
-            self.set_records(records_from_rows(rows))
+        """
+        Re-read the table in the pool's thread, where the rows also become
+        records (some hundred thousand rows take seconds: never on the
+        reactor); on failure keep the last good copy.  Unchanged records keep
+        their version (L{records_version}), so an auth cache keeps its entries.
+        """
+        def read(cursor: Any) -> dict[str, PasswdRecord] | None:
+            records = records_from_rows(_load(cursor))
+            return None if records == self._records else records
+
+        def loaded(records: dict[str, PasswdRecord] | None) -> None:
+            if records is not None:
+                self.set_records(records)
 
         def failed(failure: Any) -> None:
             log.warn("users table: refresh failed, keeping {count} users: {why}", count=len(self._records),
                      why=failure.getErrorMessage())
 
-        return self.db.run(_load).addCallbacks(loaded, failed)
+        return self.db.run(read).addCallbacks(loaded, failed)
 
     def refresher(self) -> Any:
         """A service refreshing the records every C{refresh} seconds while it runs."""

@@ -20,16 +20,17 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer  # type: ignore[import-untyped,unused-ignore]
 
 from popservice.auth.credentials import (
     CRAM_MD5_CONTEXT_LEN,
     IHMACMD5ContextCredentials,
+    IRecordsVersion,
     ISASLSecretSource,
     SCRAMSecret,
 )
+from popservice.auth.hashing import run_hashing
 from popservice.auth.passwdfile_format import PasswdRecord
 from popservice.auth.schemes import (
     CHEAP_SCHEMES,
@@ -72,7 +73,7 @@ def _representative_hash(records: Mapping[str, PasswdRecord]) -> str | None:
     return next(r.password for r in usable if r.scheme == common)
 
 
-@implementer(ICredentialsChecker, IUserDirectory, ISASLSecretSource)
+@implementer(ICredentialsChecker, IUserDirectory, ISASLSecretSource, IRecordsVersion)
 class RecordChecker:
     """
     Check credentials against user records in the Dovecot passwd-file model
@@ -84,7 +85,9 @@ class RecordChecker:
     C{requestAvatarId} fires with the user name as C{str}.
 
       - L{IUsernamePassword}: the password is verified in a thread
-        (C{run_in_thread}, default L{deferToThread}), every scheme.
+        (C{run_in_thread}, default L{run_hashing}: a pool of its own, apart
+        from the reactor's where the stores work), every scheme but the
+        cheap ones (C{CHEAP_SCHEMES}, microseconds of work).
       - L{IUsernameHashedPassword} (APOP, CRAM-MD5): only for users with a
         recoverable (PLAIN) secret, or a CRAM-MD5 secret when the credentials
         provide L{IHMACMD5ContextCredentials}.
@@ -102,16 +105,26 @@ class RecordChecker:
         return "user records"
 
     def __init__(
-        self, *, run_in_thread: Callable[[Callable[[], bool]], defer.Deferred[bool]] = deferToThread
+        self, *, run_in_thread: Callable[[Callable[[], bool]], defer.Deferred[bool]] = run_hashing
     ) -> None:
         self._run_in_thread = run_in_thread
         self._records: dict[str, PasswdRecord] = {}
         self._dummy: str | None = None
+        self._version = 0
 
     def set_records(self, records: dict[str, PasswdRecord]) -> None:
         """Replace every record at once (a reload)."""
         self._records = records
         self._dummy = _representative_hash(records)
+        self._version += 1
+
+    def records_version(self) -> int:
+        """
+        L{IRecordsVersion}: the version of the records, after looking whether
+        they changed (L{_maybe_reload}); every reload makes a new one.
+        """
+        self._maybe_reload()
+        return self._version
 
     def _maybe_reload(self) -> None:
         """Called before each lookup: re-read the records if they may have changed."""

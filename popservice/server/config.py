@@ -21,6 +21,7 @@ from popservice.server.policy import PeerTracker, Policy
 from popservice.server.realm import SessionRegistry
 from popservice.server.scheduler import FairScheduler, MemoryTrimmer
 from popservice.server.trace import Tracer
+from popservice.server.wheel import TimerWheel
 
 
 @dataclass
@@ -50,6 +51,8 @@ class ServerConfig:
     command_burst: float = 4000.0
     #: commands per reactor turn for all connections with a backlog together (fairness)
     turn_budget: int = 256
+    #: and the most seconds one reactor turn gives them (0: the budget alone)
+    turn_seconds: float = 0.002
     #: write-buffer bytes before a connection's producer is paused (Twisted's default is 64 KiB)
     write_buffer: int = 32768
 
@@ -68,6 +71,8 @@ class ServerHub(Protocol):
     #: the fair queue of backlogged connections, and the heap trimmer (popservice.server.scheduler)
     scheduler: FairScheduler
     trimmer: MemoryTrimmer
+    #: the deadlines of every connection (popservice.server.wheel)
+    timers: TimerWheel
     #: a graceful stop is under way: refuse new connections, end sessions at their next command
     stopping: bool
 

@@ -55,7 +55,8 @@ class LogObserver:
     """
     Log each session event with its fields (user, peer, counts...).  The
     session id is logged as C{session}.  Only the events in L{_INFO} are
-    logged; formatting happens later, in twisted.logger's observers.
+    logged; formatting happens later, in twisted.logger's observers, and
+    only there (L{SessionText}).
     """
 
     #: the events wanted (L{Observers} sends only these)
@@ -72,10 +73,30 @@ class LogObserver:
         """L{event} without copying the fields (L{Observers} calls this)."""
         if name not in _INFO:
             return
-        # The text says session=...; the log event keeps the field's name (JSON logs rename it too).
-        fmt = "pop3 {event}: " + " ".join("%s={%s}" % ("session" if k == "session_id" else k, k)
-                                          for k in sorted(fields))
-        self.log.info(fmt, event=name, **fields)
+        self.log.info("{log_text}", log_text=SessionText(name, fields), event=name, **fields)
+
+
+class SessionText:
+    """
+    The text of a session log line, C{pop3 NAME: key=value ...} (keys sorted;
+    the session id says C{session=}, the log event keeps the field's name, JSON
+    logs rename it too).  Made only when an observer formats the event
+    (twistd's text log); one C{str} join, not a field-by-field format string.
+    """
+
+    __slots__ = ("name", "fields")
+
+    def __init__(self, name: str, fields: dict[str, object]) -> None:
+        self.name = name
+        self.fields = fields
+
+    def __str__(self) -> str:
+        fields = self.fields
+        return "pop3 %s: %s" % (self.name, " ".join(
+            "%s=%s" % ("session" if k == "session_id" else k, fields[k]) for k in sorted(fields)))
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 @implementer(ISessionObserver)
@@ -100,6 +121,20 @@ class Observers:
         self.observers = list(observers)
         #: event name -> (observer, its method, whether that takes the dict) for the observers wanting it
         self._routes: dict[str, tuple[tuple[object, Any, bool], ...]] = {}
+
+    @property
+    def events(self) -> frozenset[str] | None:
+        """
+        The events any of the observers wants (None: every event), so a
+        connection need not send the others (nor compute their fields).
+        """
+        wanted: set[str] = set()
+        for observer in self.observers:
+            names = getattr(observer, "events", None)
+            if names is None:
+                return None
+            wanted.update(names)
+        return frozenset(wanted)
 
     def _route(self, name: str) -> tuple[tuple[object, Any, bool], ...]:
         route = []

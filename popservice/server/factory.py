@@ -21,10 +21,12 @@ from popservice.interfaces import IMailStore, ISessionObserver, IUserDirectory
 from popservice.sasl.base import VerifiedChecker
 from popservice.server.config import ServerConfig
 from popservice.server.events import LogObserver
+from popservice.server.handoff import ControlListener, HandoffClient
 from popservice.server.policy import PeerTracker
 from popservice.server.protocol import POP3ServerProtocol
 from popservice.server.realm import MailRealm, SessionRegistry
 from popservice.server.scheduler import FairScheduler, MemoryTrimmer
+from popservice.server.wheel import TimerWheel
 
 
 class POP3ServerFactory(ServerFactory):
@@ -52,14 +54,24 @@ class POP3ServerFactory(ServerFactory):
         self.clock: IReactorTime = clock
         self.connections: set[POP3ServerProtocol] = set()
         self.peers = PeerTracker()
-        self.scheduler = FairScheduler(clock, self.config.turn_budget)
+        self.scheduler = FairScheduler(clock, self.config.turn_budget, self.config.turn_seconds)
         self.trimmer = MemoryTrimmer(clock)
+        #: every connection's deadlines (handshake, login, idle, closing grace), one DelayedCall in all
+        self.timers = TimerWheel(clock)
         #: user -> time of the last successful login (RFC 2449 LOGIN-DELAY)
         self.last_login: dict[str, float] = {}
         #: a graceful stop is under way (L{begin_shutdown}): new connections are
         #: refused, every session ends at its next command, UPDATE finishes
         self.stopping = False
         self._drain_waiters: list[defer.Deferred[None]] = []
+        #: this process's control socket for take-over requests from other processes (L{makeServer}'s
+        #: C{runtime_dir}), listening while a port serves this factory
+        self.control: ControlListener | None = None
+
+    def startFactory(self) -> None:
+        """The first listening port started: take take-over requests from other processes."""
+        if self.control is not None:
+            self.control.start()
 
     def connection_opened(self, protocol: POP3ServerProtocol) -> None:
         self.connections.add(protocol)
@@ -121,6 +133,9 @@ class POP3ServerFactory(ServerFactory):
         sessions end in their own time, up to its grace period.
         """
         self.trimmer.stop()
+        self.timers.stop()
+        if self.control is not None:
+            self.control.stop()
         if self.stopping:
             return
         self.abort_connections("server shutdown")
@@ -129,10 +144,15 @@ class POP3ServerFactory(ServerFactory):
 def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
                config: ServerConfig | None = None, *, lock_grace: float = 60.0,
                exclusive: bool = True, max_sessions: int = 10, observer: ISessionObserver | None = None,
-               clock: IReactorTime | None = None) -> POP3ServerFactory:
+               clock: IReactorTime | None = None, runtime_dir: str | None = None) -> POP3ServerFactory:
     """
     A server factory for C{store}, authenticating with C{checkers}.  A checker
     that also provides L{IUserDirectory} supplies home directories for C{~}.
+
+    With exclusive sessions, a login that finds its mailbox held by another
+    process asks it to let an idle session go (L{popservice.server.handoff});
+    with C{runtime_dir}, this process takes such requests on a control socket
+    there.
     """
     checkers = list(checkers)
     directory = next((c for c in checkers if IUserDirectory.providedBy(c)), None)
@@ -142,8 +162,12 @@ def makeServer(store: IMailStore, checkers: Iterable[ICredentialsChecker],
         # Mechanisms that verify proofs themselves (SCRAM, tokens) log in with these.
         portal_checkers.append(VerifiedChecker())
     registry = SessionRegistry(grace=lock_grace, enabled=exclusive, max_sessions=max_sessions)
-    portal = Portal(MailRealm(store, directory, registry), portal_checkers)
-    return POP3ServerFactory(portal, config, observer=observer, registry=registry, clock=clock)
+    holders = HandoffClient() if exclusive else None
+    portal = Portal(MailRealm(store, directory, registry, holders=holders, clock=clock), portal_checkers)
+    factory = POP3ServerFactory(portal, config, observer=observer, registry=registry, clock=clock)
+    if runtime_dir and exclusive:
+        factory.control = ControlListener(runtime_dir, registry)
+    return factory
 
 
 __all__ = ["POP3ServerFactory", "ServerConfig", "makeServer"]

@@ -78,6 +78,8 @@ class Authorization:
     answer comes later, through the shell).
     """
 
+    __slots__ = ("shell", "timestamp", "user", "failures", "method", "_sasl", "sasl_pending")
+
     log = Logger()
 
     def __init__(self, shell: Shell, timestamp: str | None) -> None:

@@ -23,6 +23,7 @@ the timers (L{popservice.server.timeouts}) and flow control:
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any, Union
 
 from twisted.internet import defer
@@ -63,6 +64,16 @@ SHUTTING_DOWN = "server shutting down"
 class POP3ServerProtocol(SessionTimers, Protocol):
     """One POP3 connection (RFC 1939, 2449, 2595); implements L{popservice.server.shell.Shell}."""
 
+    # Slots, not a __dict__ per connection: an idle connection costs what it holds.
+    __slots__ = (
+        "factory", "transport", "connected", "state", "login", "transaction", "user", "end_reason", "reader",
+        "peer_host", "tls", "_transfer", "_waiting", "_paused", "_reading", "_running", "_closed", "_closing",
+        "_bad_commands", "_turn_call", "_scheduled", "_rate_limited", "_rate", "_out", "_out_size",
+        "_timer_slot", "_handshake_deadline", "_login_deadline", "_close_deadline", "_last_activity",
+        "_rejected", "_registered", "_connected_at", "utf8", "language", "session_id", "listener",
+        "bytes_out", "_command", "_command_at", "trace", "_events",
+    )
+
     log = Logger()
     factory: ServerHub
 
@@ -76,10 +87,9 @@ class POP3ServerProtocol(SessionTimers, Protocol):
     end_reason: str
 
     def __init__(self) -> None:
-        # Every attribute is created here, in one order, so instances share
-        # their dict keys (a few hundred bytes less per idle connection).
         self.factory = None  # type: ignore[assignment]
         self.transport = None
+        self.connected = 0
         self.state = State.AUTHORIZATION
         #: the object answering the commands of the current state
         self.login = Authorization(self, None)
@@ -105,12 +115,14 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         self._scheduled = False
         self._rate_limited = False
         self._rate: CommandRate | None = None
-        #: the answers of the current turn, written together when it ends
-        self._out: list[bytes] = []
+        #: the answers of the current turn, written together when it ends (made when needed)
+        self._out: list[bytes] | None = None
         self._out_size = 0
-        self._idle_call: IDelayedCall | None = None
-        self._login_call: IDelayedCall | None = None
-        self._close_call: IDelayedCall | None = None
+        #: the deadlines (0.0: none), filed in the server's timer wheel (popservice.server.timeouts)
+        self._timer_slot: int | None = None
+        self._handshake_deadline = 0.0
+        self._login_deadline = 0.0
+        self._close_deadline = 0.0
         self._last_activity = 0.0
         self._rejected = False
         self._registered = False
@@ -118,7 +130,6 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         #: RFC 6856: UTF8 mode and the language of response texts
         self.utf8 = False
         self.language = "en"
-        self._handshake_call: IDelayedCall | None = None
         #: for logs and metrics: this session's id (made at connect), the
         #: listener it came through (set by the listener's factory), bytes written
         self.session_id = ""
@@ -129,6 +140,8 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         self._command_at = 0.0
         #: --trace-user: this session's trace while it may still be written (popservice.server.trace)
         self.trace: SessionTrace | None = None
+        #: the event names the server's observer wants (None: all), set at connect
+        self._events: Container[str] | None = None
 
     @property
     def session(self) -> MailboxSession | None:
@@ -145,6 +158,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         self.session_id = new_session_id()
+        self._events = getattr(self.factory.observer, "events", None)
         set_nodelay(transport)
         # A peer that does not read holds at most this much in our write buffer.
         set_write_buffer(transport, self.factory.config.write_buffer)
@@ -180,10 +194,9 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         if config.apop and self.login.plaintext_allowed():
             self.login.timestamp = apop_timestamp(config.hostname)
         transport.registerProducer(self, True)
-        self._last_activity = self._connected_at = self.factory.clock.seconds()
-        self.touch()
-        if config.login_timeout > 0:
-            self._login_call = self.factory.clock.callLater(config.login_timeout, self._login_timed_out)
+        now = self._last_activity = self._connected_at = self.factory.clock.seconds()
+        self._start_login_timer(now)
+        self._file_timers()
         self.factory.connection_opened(self)
         if config.trace is not None:
             self.trace = config.trace.begin(self.factory.clock, self.peer_host)
@@ -195,10 +208,10 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         if self._rejected:
             return
         self.factory.peers.disconnected(self.peer_host or "")
-        for call in (self._turn_call, self._idle_call, self._login_call, self._handshake_call,
-                     self._close_call):
-            if call is not None and call.active():
-                call.cancel()
+        self._cancel_timers()
+        call = self._turn_call
+        if call is not None and call.active():
+            call.cancel()
         if self._transfer is not None:
             self._transfer.abandon()
             self._transfer = None
@@ -212,7 +225,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
                    seconds=round(self.factory.clock.seconds() - self._connected_at, 3),
                    listener=self.listener, bytes_out=self.bytes_out, **session_summary(session))
         self.factory.scheduler.discard(self)
-        self.factory.trimmer.connection_closed()
+        self.factory.trimmer.connection_closed(self.factory.peers.total)
         self.factory.connection_closed(self)
 
     def release_mailbox(self) -> "defer.Deferred[Any]":
@@ -239,13 +252,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         # TLS finishes closing only once it has read the peer's close_notify
         # or EOF, and a paused reader would leave the socket in CLOSE-WAIT.
         self._update_reading()
-        if self._close_call is None and not self._closed:
-            self._close_call = self.factory.clock.callLater(grace, self._close_timed_out)
-
-    def _close_timed_out(self) -> None:
-        if not self._closed:
-            transport: Any = self.transport
-            transport.abortConnection()
+        self._start_close_timer(grace)
 
     def internal_error(self, failure: Failure) -> None:
         self.log.failure("internal error", failure)
@@ -257,10 +264,17 @@ class POP3ServerProtocol(SessionTimers, Protocol):
     def idle_seconds(self) -> float:
         return self.factory.clock.seconds() - self._last_activity
 
-    def terminate(self, reason: str) -> "defer.Deferred[None]":
-        """End this session without UPDATE (taken over by a new login)."""
+    def terminate(self, reason: str, *, cross_process: bool = False,
+                  by_pid: int | None = None) -> "defer.Deferred[None]":
+        """
+        End this session without UPDATE (taken over by a new login: in another
+        process, C{by_pid}, when C{cross_process}).
+        """
         self.end_reason = reason
-        self.event("takeover")
+        if by_pid is None:
+            self.event("takeover", cross_process=cross_process)
+        else:
+            self.event("takeover", cross_process=cross_process, by_pid=by_pid)
         d = self.release_mailbox()
         self.transaction = None
         self._closing = True
@@ -287,10 +301,10 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         self.user = name
         self.state = State.TRANSACTION
         self.reader.max_length = wire.MAX_COMMAND_LINE
+        self.login.timestamp = None  # APOP's, no longer needed
         self.factory.registry.register(name, self)
         self._registered = True
-        if self._login_call is not None and self._login_call.active():
-            self._login_call.cancel()
+        self._stop_login_timer()
         self.touch()
         self.event("login", messages=len(session.listing), tls=self.tls, method=self.login.method)
         self.reply(wire.ok("Logged in, %d messages" % (len(session.listing),)))
@@ -436,17 +450,21 @@ class POP3ServerProtocol(SessionTimers, Protocol):
                 self.transport.write(data)
                 return
             # Within a turn: the answers leave together (one write per pipelined batch).
-            self._out.append(data)
+            out = self._out
+            if out is None:
+                self._out = [data]
+            else:
+                out.append(data)
             self._out_size += len(data)
             if self._out_size >= self.output_batch:
                 self._flush()
 
     def _flush(self) -> None:
         out = self._out
-        if not out:
+        if out is None:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
+        self._out = None
         self._out_size = 0
         if not self._closed:
             self.transport.write(data)
@@ -454,8 +472,14 @@ class POP3ServerProtocol(SessionTimers, Protocol):
     def event(self, name: str, **fields: object) -> None:
         if self.trace is not None:
             self.trace = self.trace.event(name, self.user, fields)
+        elif self._events is not None and name not in self._events:
+            return  # nobody listens for it (the log observer takes no per-command events)
         self.factory.observer.event(name, self, user=self.user, peer=self.peer_host,
                                     session_id=self.session_id, **fields)
+
+    def _wants(self, name: str) -> bool:
+        """Whether an event C{name} would reach anyone (so its fields are worth computing)."""
+        return self.trace is not None or self._events is None or name in self._events
 
     # ------------------------------------------------------------------
     # Commands
@@ -514,7 +538,9 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         keyword = self._command
         if keyword is not None:
             self._command = None
-            self.event("command", command=keyword, seconds=self.factory.clock.seconds() - self._command_at)
+            if self._wants("command"):
+                seconds = self.factory.clock.seconds() - self._command_at
+                self.event("command", command=keyword, seconds=seconds)
 
     def bad_command(self, response: bytes) -> None:
         self._bad_commands += 1

@@ -4,6 +4,10 @@ The cred realm: an authenticated user name becomes an opened, locked mailbox.
 Also the in-process registry of live sessions that lets a new login take a
 mailbox over from a session that has sat idle past a grace period (a dropped
 mobile connection), instead of answering [IN-USE] until the old one times out.
+When the store says another process holds the mailbox (L{MailboxInUse} with a
+L{LockHolder}), the realm asks that process (L{IHolderRequests}, see
+L{popservice.server.handoff}) to end its session if it is idle past its own
+grace, and opens the mailbox once it lets go.
 """
 
 from __future__ import annotations
@@ -12,11 +16,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.cred.portal import IRealm
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from popservice.interfaces import IMailbox, IMailStore, IUserDirectory, MailboxInUse
+from popservice.interfaces import IMailbox, IMailStore, IUserDirectory, LockHolder, MailboxInUse
+
+#: After a holder in another process let go: seconds to wait before each new try of the lock.
+REOPEN_DELAYS = (0.0, 0.05, 0.15)
 
 
 class SessionHandle(Protocol):
@@ -24,9 +32,26 @@ class SessionHandle(Protocol):
 
     def idle_seconds(self) -> float: ...
 
-    def terminate(self, reason: str) -> "defer.Deferred[None]":
-        """End the session without UPDATE and release its mailbox."""
+    def terminate(self, reason: str, *, cross_process: bool = False,
+                  by_pid: int | None = None) -> "defer.Deferred[None]":
+        """
+        End the session without UPDATE and release its mailbox (its
+        C{takeover} event says whether a login in another process, C{by_pid},
+        took it).
+        """
         ...
+
+
+class IHolderRequests(Interface):
+    """Asks the process holding a mailbox lock to let an idle session go."""
+
+    def ask(holder: LockHolder, user: str) -> "defer.Deferred[bool]":
+        """
+        Ask C{holder} to end C{user}'s session if it has been idle past its
+        grace.  Fires C{True} once that session has ended and released the
+        lock, C{False} when it has not (active, unknown, the holder cannot be
+        reached or does not answer in time); never fails.
+        """
 
 
 class SessionRegistry:
@@ -64,6 +89,26 @@ class SessionRegistry:
                       user=user, idle=holder.idle_seconds())
         self._sessions.pop(user, None)
         return holder.terminate("taken over by a new login")
+
+    def release_idle(self, user: str, requester: int) -> "defer.Deferred[bool]":
+        """
+        A login in process C{requester} found C{user}'s mailbox locked by this
+        process: end the session if it has been idle past the grace.  Fires
+        C{True} once it has ended without UPDATE and released its mailbox,
+        C{False} when there is no such session here or it is active.
+        """
+        holder = self._sessions.get(user) if self.enabled else None
+        if holder is None:
+            return defer.succeed(False)
+        idle = holder.idle_seconds()
+        if idle < self.grace:
+            return defer.succeed(False)
+        self.log.info("process {requester} takes over mailbox of {user} from a session idle {idle:.0f}s",
+                      requester=requester, user=user, idle=idle)
+        self._sessions.pop(user, None)
+        d = holder.terminate("taken over by a login in process %d" % (requester,), cross_process=True,
+                             by_pid=requester)
+        return d.addCallback(lambda _: True)
 
     def register(self, user: str, session: SessionHandle) -> None:
         """Call once per logged-in session; L{unregister} exactly once at its end."""
@@ -103,11 +148,21 @@ class MailRealm:
     also knows home directories (L{IUserDirectory}), C{~} in store paths works.
     """
 
+    log = Logger()
+
     def __init__(self, store: IMailStore, directory: IUserDirectory | None = None,
-                 registry: SessionRegistry | None = None) -> None:
+                 registry: SessionRegistry | None = None, holders: IHolderRequests | None = None,
+                 clock: IReactorTime | None = None) -> None:
         self.store = store
         self.directory = directory
         self.registry = registry if registry is not None else SessionRegistry()
+        #: asks another process holding a mailbox to let an idle session go (None: never asked)
+        self.holders = holders
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        self.clock: IReactorTime = clock
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any
                       ) -> "defer.Deferred[tuple[type[Interface], object, Callable[[], None]]]":
@@ -119,7 +174,28 @@ class MailRealm:
         def opened(mailbox: IMailbox) -> tuple[type[Interface], object, Callable[[], None]]:
             return (IMailbox, mailbox, lambda: None)
 
-        def open_mailbox(_: None) -> "defer.Deferred[IMailbox]":
-            return self.store.open_mailbox(user, home)
+        return defer.Deferred.fromCoroutine(self._open(user, home)).addCallback(opened)
 
-        return self.registry.claim(user).addCallback(open_mailbox).addCallback(opened)
+    async def _open(self, user: str, home: str | None) -> IMailbox:
+        await self.registry.claim(user)
+        try:
+            return await self.store.open_mailbox(user, home)
+        except MailboxInUse as e:
+            holder = e.holder
+            if self.holders is None or holder is None or holder.control is None:
+                raise
+            if not await self.holders.ask(holder, holder.user or user):
+                raise
+            in_use, released_by = e, holder.pid
+        # The holder ended its session and released the lock before answering; another login may
+        # still win the race for it.
+        for delay in REOPEN_DELAYS:
+            if delay:
+                await task.deferLater(self.clock, delay, lambda: None)
+            try:
+                return await self.store.open_mailbox(user, home)
+            except MailboxInUse as e:
+                in_use = e
+        self.log.info("mailbox of {user} released by process {pid} but taken by another login",
+                      user=user, pid=released_by)
+        raise in_use

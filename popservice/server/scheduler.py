@@ -5,10 +5,12 @@ A connection answers at most C{commands_per_turn} commands each time it is
 run.  When it has more buffered (a pipelining client, or a flood), it does
 not reschedule itself: it queues in the server's L{FairScheduler}, which
 runs the queued connections round robin in later reactor turns with a
-budget of commands per turn for all of them together.  However many
-connections flood, a reactor turn then does a bounded amount of their work,
-and a connection that sends one command at a time (every real client
-waiting for answers) is answered in the turn its bytes arrive.  A backlogged
+budget of commands per turn for all of them together, and a slice of time
+(C{slice_seconds}: a command's cost varies, and so does the CPU a shared
+machine leaves us).  However many connections flood, a reactor turn then
+does a bounded amount of their work, and a connection that sends one
+command at a time (every real client waiting for answers) is answered in
+the turn its bytes arrive: after one such slice at most.  A backlogged
 connection stops reading while it waits (its input buffer is full), so a
 flood costs its buffer and its place in the queue, nothing more.
 
@@ -46,9 +48,11 @@ class Runnable(Protocol):
 class FairScheduler:
     """Round robin over connections with a backlog; C{budget} commands per reactor turn in all."""
 
-    def __init__(self, clock: IReactorTime, budget: int = 256) -> None:
+    def __init__(self, clock: IReactorTime, budget: int = 256, slice_seconds: float = 0.0) -> None:
         self.clock = clock
         self.budget = budget
+        #: the most time one turn gives the queue (0: no limit but the budget)
+        self.slice_seconds = slice_seconds
         self._queue: deque[Runnable] = deque()
         self._queued: set[int] = set()
         self._call: IDelayedCall | None = None
@@ -80,8 +84,10 @@ class FairScheduler:
     def _tick(self) -> None:
         self._call = None
         budget = self.budget
+        seconds = self.clock.seconds
+        until = seconds() + self.slice_seconds if self.slice_seconds > 0 else None
         for _ in range(len(self._queue)):
-            if budget <= 0:
+            if budget <= 0 or (until is not None and seconds() >= until):
                 break
             connection = self._queue.popleft()
             self._queued.discard(id(connection))
@@ -135,27 +141,39 @@ def _malloc_trim() -> Callable[[], Any] | None:
 
 
 class MemoryTrimmer:
-    """After C{every} closed connections, hand free heap pages back (once a second at most)."""
+    """
+    After C{every} closed connections, once the connections left are at most
+    half as many as at their peak since the last trim, hand free heap pages
+    back (once a second at most).  Steady churn (as many connections opening
+    as closing) reuses its pages and is never trimmed: a full collection of
+    the heap costs milliseconds.
+    """
 
     def __init__(self, clock: IReactorTime, every: int = 64, delay: float = 1.0) -> None:
         self.clock = clock
         self.every = every
         self.delay = delay
         self._closed = 0
+        #: the most connections open since the last trim
+        self._peak = 0
         self._call: IDelayedCall | None = None
         self._trim = _malloc_trim()
         self.trims = 0
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, remaining: int = 0) -> None:
+        """A connection closed; C{remaining} are still open."""
         if self._trim is None:
             return
         self._closed += 1
-        if self._closed >= self.every and self._call is None:
+        if remaining >= self._peak:
+            self._peak = remaining + 1
+        if self._closed >= self.every and self._call is None and remaining * 2 <= self._peak:
             self._call = self.clock.callLater(self.delay, self._run)
 
     def _run(self) -> None:
         self._call = None
         self._closed = 0
+        self._peak = 0
         if self._trim is not None:
             # A closed connection is a cycle (protocol, transport, state objects):
             # its buffers are freed by the collector, then the pages can go back.

@@ -9,7 +9,7 @@ only made from an opened mailbox (L{popservice.server.transaction}).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 from twisted.internet import defer
@@ -18,7 +18,7 @@ from popservice import wire
 from popservice.interfaces import IMailbox, MessageInfo
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionStats:
     """Counters for the logout summary and metrics."""
 
@@ -31,15 +31,46 @@ class SessionStats:
     failed_deletions: int = 0
 
 
-@dataclass
 class MailboxSession:
-    mailbox: IMailbox
-    listing: Sequence[MessageInfo]
-    deleted: set[int] = field(default_factory=set)
-    #: messages retrieved completely with RETR in this session
-    retrieved: set[int] = field(default_factory=set)
-    stats: SessionStats = field(default_factory=SessionStats)
-    updated: bool = False
+    """
+    One logged-in session's view of its mailbox.  What an idle session does
+    not use (deletion marks, retrievals, counters) is only made when first
+    used: a logged-in connection costs its listing and little more.
+    """
+
+    __slots__ = ("mailbox", "listing", "_deleted", "_retrieved", "_stats", "updated")
+
+    def __init__(self, mailbox: IMailbox, listing: Sequence[MessageInfo]) -> None:
+        self.mailbox = mailbox
+        self.listing = listing
+        self._deleted: set[int] | None = None
+        self._retrieved: set[int] | None = None
+        self._stats: SessionStats | None = None
+        self.updated = False
+
+    @property
+    def deleted(self) -> set[int]:
+        """The 0-based indices marked with DELE."""
+        if self._deleted is None:
+            self._deleted = set()
+        return self._deleted
+
+    @deleted.setter
+    def deleted(self, value: set[int]) -> None:
+        self._deleted = value
+
+    @property
+    def retrieved(self) -> set[int]:
+        """Messages retrieved completely with RETR in this session."""
+        if self._retrieved is None:
+            self._retrieved = set()
+        return self._retrieved
+
+    @property
+    def stats(self) -> SessionStats:
+        if self._stats is None:
+            self._stats = SessionStats()
+        return self._stats
 
     def message(self, number: int) -> Union[int, bytes]:
         """
@@ -49,12 +80,15 @@ class MailboxSession:
         if not 1 <= number <= len(self.listing):
             return wire.err("No such message")
         index = number - 1
-        if index in self.deleted:
+        if self._deleted and index in self._deleted:
             return wire.err("Message already deleted")
         return index
 
     def _live(self) -> list[tuple[int, MessageInfo]]:
-        return [(i + 1, m) for i, m in enumerate(self.listing) if i not in self.deleted]
+        deleted = self._deleted
+        if not deleted:
+            return list(enumerate(self.listing, 1))
+        return [(i + 1, m) for i, m in enumerate(self.listing) if i not in deleted]
 
     def stat(self) -> bytes:
         """RFC 1939 section 5, STAT: count and size, deleted messages excluded."""
@@ -91,7 +125,7 @@ class MailboxSession:
 
     def rset(self) -> bytes:
         """RFC 1939 section 5, RSET: unmark all deletions."""
-        self.deleted.clear()
+        self._deleted = None
         return self.stat()
 
     def update(self) -> "defer.Deferred[bytes]":
@@ -108,6 +142,9 @@ class MailboxSession:
         def done(failed: "list[int]") -> bytes:
             failed_set = set(failed)
             gone = [i for i in indices if i not in failed_set]
+            # What stays marked after UPDATE is what was removed: a message the store
+            # kept still counts as retrieved for RFC 2449 EXPIRE (transaction.release).
+            self.deleted = set(gone)
             self.stats.deleted = len(gone)
             self.stats.deleted_bytes = sum(self.listing[i].size for i in gone)
             self.stats.failed_deletions = len(failed_set)

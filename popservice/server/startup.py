@@ -42,6 +42,9 @@ NUMBER_RANGES: dict[str, tuple[float, bool]] = {
     "max-connections-per-ip": (1, True),
     "handshake-timeout": (0, True),
     "login-delay": (0, True),
+    "auth-cache-ttl": (0, True),
+    "auth-cache-negative-ttl": (0, True),
+    "auth-cache-size": (1, True),
 }
 
 #: options naming endpoints to listen on (each a list, or one string, or None)
@@ -137,6 +140,8 @@ def check_options(options: Any) -> None:
             if options.get(flag):
                 raise ValueError("--%s applies to --mail maildir:... only" % (flag,))
     for name in ENDPOINT_OPTIONS:
+        if name != "metrics" and options.get("worker-fds") is not None:
+            continue  # a worker of --workers N: its parent checked and bound these (systemd: too)
         value = options.get(name)
         for description in ([value] if isinstance(value, str) else value or []):
             problem = endpoint_problem(description)

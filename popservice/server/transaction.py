@@ -67,7 +67,8 @@ def open_session(shell: Shell, result: tuple[Any, Any, Callable[[], None]], name
         return f
 
     def listed(listing: Sequence[MessageInfo]) -> MailboxSession | None:
-        session = MailboxSession(mailbox, list(listing))
+        # Every store hands over a list of its own making: no copy per session.
+        session = MailboxSession(mailbox, listing if isinstance(listing, list) else list(listing))
         if shell.closed:
             # The client went away while we opened the mailbox.
             defer.maybeDeferred(mailbox.close)
@@ -92,6 +93,8 @@ class Transaction:
     The TRANSACTION state of one connection (RFC 1939 section 5): one
     C{do_KEYWORD} method per command the table allows here; QUIT enters UPDATE.
     """
+
+    __slots__ = ("shell", "session", "released")
 
     def __init__(self, shell: Shell, session: MailboxSession) -> None:
         self.shell = shell

@@ -4,7 +4,8 @@ chunk read at a time, byte-stuffed and given CRLF line ends by
 L{wire.BodyEncoder} (correct across chunk boundaries), cut after the header and
 C{n} body lines by L{wire.TopFilter}.  The shell asks for the next chunk only
 while the transport wants more (its producer is not paused), so a client that
-does not read costs one chunk of memory, not the message.
+does not read costs one chunk of memory, not the message; and the chunk is a
+small one once the client is not keeping up (L{popservice.server.pacing}).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popservice import wire
-from popservice.interfaces import IMessageStream, MessageGone
+from popservice.interfaces import IMessageStream, ISizedMessageStream, MessageGone
+from popservice.server.pacing import SMALL_CHUNK, BodyPacer
 from popservice.server.quirks import OE_NS_EOH, OUTLOOK_NO_NULS, HeaderEnd
 from popservice.server.session import MailboxSession
 from popservice.server.shell import Shell
@@ -28,7 +30,7 @@ class MessageTransfer:
     log = Logger()
 
     def __init__(self, shell: Shell, session: MailboxSession, stream: IMessageStream, index: int,
-                 lines: int | None) -> None:
+                 lines: int | None, size: int = 0) -> None:
         self.shell = shell
         self.session = session
         self.stream = stream
@@ -40,6 +42,11 @@ class MessageTransfer:
         #: octets sent, the final dot line included
         self.sent = 0
         self.finished = False
+        #: the chunk size, from how far the peer is behind: for stores that let us size their
+        #: reads, and bodies of more than one small chunk (the shell's transport: Shell leaves it
+        #: out, as the state objects never write to it)
+        self.pacer = (BodyPacer(getattr(shell, "transport", None), shell.factory.config.write_buffer)
+                      if ISizedMessageStream.providedBy(stream) and size > SMALL_CHUNK else None)
         quirks = shell.factory.config.client_quirks
         #: --client-quirks outlook-no-nuls: NUL bytes are left out
         self.no_nuls = OUTLOOK_NO_NULS in quirks
@@ -50,6 +57,9 @@ class MessageTransfer:
         """Read one chunk from the store and send it; the shell calls again for the next."""
         self.waiting = True
         synchronous = True
+        if self.pacer is not None:
+            stream: Any = self.stream
+            stream.chunk_size = self.pacer.chunk_size()
 
         def got(data: Union[bytes, Failure]) -> None:
             self.waiting = False
@@ -63,8 +73,13 @@ class MessageTransfer:
 
     def abandon(self) -> None:
         """The connection went away mid-transfer."""
+        self._end()
+
+    def _end(self) -> None:
         self.finished = True
         self.stream.close()
+        if self.pacer is not None:
+            self.pacer.reset()
 
     def _chunk(self, data: Union[bytes, Failure]) -> None:
         if self.finished or self.shell.closed:
@@ -87,14 +102,15 @@ class MessageTransfer:
             out = self.encoder.encode(data)
             self.sent += len(out)
             self.shell.write(out)
+            if self.pacer is not None:
+                self.pacer.written()
         if done:
             tail = self.encoder.finish()
             if self.header_end is not None and not self.header_end.seen:
                 tail = tail[:-len(wire.TERMINATOR)] + wire.CRLF + wire.TERMINATOR
             self.sent += len(tail)
             self.shell.write(tail)
-            self.stream.close()
-            self.finished = True
+            self._end()
             stats = self.session.stats
             if self.top is None:
                 stats.retr_bytes += self.sent
@@ -123,7 +139,7 @@ def send_message(shell: Shell, session: MailboxSession, number: int, lines: int 
         else:
             session.stats.top += 1
             shell.reply(wire.ok("Top of message follows"))
-        shell.send_body(MessageTransfer(shell, session, stream, index, lines))
+        shell.send_body(MessageTransfer(shell, session, stream, index, lines, size))
         shell.proceed()
 
     def failed(failure: Failure) -> None:

@@ -14,24 +14,123 @@ C{fcntl} record locks are per process and would not give that.)
 
 On Linux, C{flock} on NFS is emulated with byte-range locks (since 2.6.12),
 so the lock also works across NFS clients that share the Maildir.
+
+Once taken, the lock file says who holds it (L{encode_record}): one JSON
+line with the holder's pid, a random per-process token, the path of its
+control socket (L{ProcessIdentity.control}, set by the server when it takes
+take-over requests) and the session's user name.  It is written once per
+lock (one C{pwrite}), blanked before the unlock, and read only by a
+locker that lost the race: that one raises L{MailboxInUse} carrying the
+record as L{MailboxInUse.holder}, so the server can ask the holder to let
+an idle session go (L{popservice.server.handoff}).  The record is a hint,
+never trusted for the lock itself: an empty or garbled one (an old server,
+a crash between lock and write) means "holder unknown".
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import secrets
+import time
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popservice.interfaces import IMailboxLock, MailboxInUse, MailboxUnavailable
+from popservice.interfaces import IMailboxLock, LockHolder, MailboxInUse, MailboxUnavailable
 
-__all__ = ["FcntlMailboxLock", "LOCK_FILE_NAME"]
+__all__ = ["FcntlMailboxLock", "LOCK_FILE_NAME", "ProcessIdentity", "decode_record", "encode_record",
+           "read_holder", "this_process"]
 
 #: The lock file a L{popservice.stores.maildir.MaildirStore} uses in a Maildir.
 LOCK_FILE_NAME = "popservice.lock"
+
+#: The longest holder record read back; anything longer is garbage.
+MAX_RECORD = 4096
+
+
+class ProcessIdentity:
+    """
+    This process as lock records name it: its pid, a random token (so a
+    reused pid is never taken for the old holder) and the path of its control
+    socket, C{None} until the server listens on one.
+    """
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(8)
+        #: path of this process's take-over control socket (L{popservice.server.handoff}), or C{None}
+        self.control: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def renew(self) -> None:
+        """A forked child is another holder: a new token, and no control socket yet."""
+        self.token = secrets.token_hex(8)
+        self.control = None
+
+    def holder(self, user: str | None) -> LockHolder:
+        """The record of a lock this process takes for C{user}'s session."""
+        return LockHolder(pid=self.pid, token=self.token, control=self.control, user=user)
+
+
+#: The identity of this process; L{FcntlMailboxLock} writes it into the locks it takes.
+this_process = ProcessIdentity()
+os.register_at_fork(after_in_child=this_process.renew)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
+def encode_record(holder: LockHolder, since: float) -> bytes:
+    """The lock file's content while C{holder} holds it (taken at C{since}, a Unix time)."""
+    return _ENCODER.encode({"v": 1, "pid": holder.pid, "token": holder.token, "control": holder.control,
+                            "user": holder.user, "since": round(since, 3)}).encode("ascii") + b"\n"
+
+
+def decode_record(data: bytes) -> LockHolder | None:
+    """
+    The holder a lock file names (its first line), or C{None} for an empty,
+    garbled or foreign record.
+    """
+    data = data.split(b"\n", 1)[0]
+    if not data or len(data) > MAX_RECORD:
+        return None
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("v") != 1:
+        return None
+    pid, token, control, user = (record.get(k) for k in ("pid", "token", "control", "user"))
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if not isinstance(token, str) or not token:
+        return None
+    if control is not None and not (isinstance(control, str) and os.path.isabs(control)
+                                    and "\x00" not in control):
+        return None
+    if user is not None and not isinstance(user, str):
+        return None
+    return LockHolder(pid=pid, token=token, control=control, user=user)
+
+
+def read_holder(path: str) -> LockHolder | None:
+    """The holder the lock file at C{path} names (C{None}: none, unknown or unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        return decode_record(os.pread(fd, MAX_RECORD + 1, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 @implementer(IMailboxLock)
@@ -43,12 +142,18 @@ class FcntlMailboxLock:
     The file operations are a few microseconds on a local disk, so they run in
     the calling thread; L{try_acquire} is the synchronous form for callers
     that already run in a worker thread.
+
+    @param user: the name of the session the lock is for, written into the
+        holder record (the holder's session registry knows the session by it).
+    @param identity: whom the holder record names (default: L{this_process}).
     """
 
     log = Logger()
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, user: str | None = None, identity: ProcessIdentity | None = None) -> None:
         self.path = path
+        self.user = user
+        self.identity = identity if identity is not None else this_process
         self._fd: int | None = None
 
     @property
@@ -73,18 +178,44 @@ class FcntlMailboxLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise MailboxInUse("mailbox locked by another session") from e
+                in_use = MailboxInUse("mailbox locked by another session")
+                in_use.holder = self._read_record(fd)
+                os.close(fd)
+                raise in_use from e
+            os.close(fd)
             self.log.warn("cannot lock {path}: {error}", path=self.path, error=e)
             raise MailboxUnavailable("cannot lock mailbox") from e
         self._fd = fd
+        self._write_record(fd)
+
+    def _write_record(self, fd: int) -> None:
+        """Say who holds the lock (a hint for take-over requests: failing to write it is harmless)."""
+        record = encode_record(self.identity.holder(self.user), time.time())
+        try:
+            # Over the blanked record of the last holder, or whatever a crash left: only the first
+            # line counts (decode_record), so no truncation is needed.
+            os.pwrite(fd, record, 0)
+        except OSError as e:
+            self.log.warn("cannot record the holder of {path}: {error}", path=self.path, error=e)
+
+    def _read_record(self, fd: int) -> LockHolder | None:
+        try:
+            return decode_record(os.pread(fd, MAX_RECORD + 1, 0))
+        except OSError:
+            return None
 
     def release_now(self) -> None:
         """Release the lock synchronously (idempotent)."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        try:
+            # No record of a holder that is gone: an empty first line (cheaper than truncating: the
+            # file keeps its block, and the next holder's record overwrites it in place).
+            os.pwrite(fd, b"\n", 0)
+        except OSError:
+            pass
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError as e:  # closing the descriptor releases it anyway

@@ -22,6 +22,7 @@ from popservice.interfaces import (
     IExpiringMailbox,
     IMailboxLock,
     IMessageStream,
+    ISizedMessageStream,
     MailboxInUse,
     MailboxUnavailable,
     MessageGone,
@@ -53,9 +54,13 @@ def _translate(e: BaseException, what: str) -> Exception:
     return MailboxUnavailable("mailbox temporarily unavailable")
 
 
-@implementer(IMessageStream)
+@implementer(ISizedMessageStream)
 class MaildirMessageStream:
-    """A message file read in chunks of L{CHUNK_SIZE}; closed at the end."""
+    """
+    A message file read in chunks of L{CHUNK_SIZE} (or what the reader sets
+    C{chunk_size} to), unbuffered: no buffer of the file's own per open
+    message; closed at the end.
+    """
 
     def __init__(self, f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
         self._file: BinaryIO | None = f
@@ -110,7 +115,7 @@ class MaildirMailbox:
     def _open_file(self, index: int) -> BinaryIO:
         for attempt in (0, 1):
             try:
-                return open(os.path.join(self.path, _relpath(self._files[index])), "rb",
+                return open(os.path.join(self.path, _relpath(self._files[index])), "rb", buffering=0,
                             opener=_nofollow_opener)
             except FileNotFoundError:
                 if attempt:

@@ -208,12 +208,13 @@ class MaildirStore:
                 "Maildir %s belongs to uid %d, not to uid %d of %s in the passwd-file "
                 "(--ignore-mail-owner allows it)" % (path, owner, expected, user))
 
-    def _make_lock(self, path: str) -> IMailboxLock | None:
+    def _make_lock(self, path: str, user: str = "") -> IMailboxLock | None:
         if self.lock_policy == "none":
             return None
         if self._lock_factory is not None:
             return self._lock_factory(path)
-        return FcntlMailboxLock(os.path.join(path, LOCK_FILE_NAME))
+        # The lock file records its holder (process, control socket, user) for take-over requests.
+        return FcntlMailboxLock(os.path.join(path, LOCK_FILE_NAME), user=user or None)
 
     def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[IMailbox]":
         """
@@ -229,7 +230,7 @@ class MaildirStore:
         return defer.Deferred.fromCoroutine(self._open(path, user))
 
     async def _open(self, path: str, user: str = "") -> IMailbox:
-        lock = self._make_lock(path)
+        lock = self._make_lock(path, user)
         try:
             if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("cur", "new", "tmp")):
                 # Usually there already: one stat here instead of a thread hop.
