@@ -1,13 +1,17 @@
 """
-Plumbing on the transport under a connection, whatever wraps it (TLS, or
-Twisted's STLS switch): TCP_NODELAY on the real socket, the peer's TLS
-certificate.
+Plumbing on the transport under a connection, whatever wraps it (TLS, the
+PROXY protocol, or Twisted's STLS switch): TCP_NODELAY on the real socket, the
+peer's TLS certificate, the size of the write buffer that pauses the
+connection.
 """
 
 from __future__ import annotations
 
+import inspect
 import socket
 from typing import Any
+
+_MISSING = object()
 
 
 def set_nodelay(transport: Any) -> None:
@@ -46,15 +50,37 @@ def peer_certificate(transport: Any) -> Any:
         return None
 
 
+def _owns(obj: Any, name: str) -> bool:
+    """
+    Whether C{obj} has C{name} itself (on the instance or its class), not
+    through a wrapper's C{__getattr__}: Twisted's C{ProtocolWrapper} (TLS,
+    PROXY) answers for the transport under it, so C{hasattr} cannot tell.
+    """
+    return inspect.getattr_static(obj, name, _MISSING) is not _MISSING
+
+
+def write_buffer_owner(transport: Any) -> Any:
+    """
+    The transport whose buffer holds what a connection writes (a Twisted
+    C{FileDescriptor}: the one with C{bufferSize} and C{dataBuffer} of its
+    own), under any wrapper; None if there is none.
+    """
+    while transport is not None:
+        if _owns(transport, "bufferSize") and _owns(transport, "dataBuffer"):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 def set_write_buffer(transport: Any, size: int) -> None:
     """
     How much the socket's write buffer may hold before the connection's
-    producer is paused (Twisted's default is 64 KiB): under any TLS wrapper.
+    producer is paused (Twisted's default is 64 KiB): under any TLS or PROXY
+    wrapper.  Set on the wrapper, it would change nothing: the TCP transport
+    under it decides when to pause (through TLS's producer membrane).
     """
     if size <= 0:
         return
-    while transport is not None:
-        if hasattr(transport, "bufferSize") and hasattr(transport, "dataBuffer"):
-            transport.bufferSize = size
-            return
-        transport = getattr(transport, "transport", None)
+    owner = write_buffer_owner(transport)
+    if owner is not None:
+        owner.bufferSize = size
