@@ -41,6 +41,7 @@ from popservice.server.worker import (
     connection_share,
     worker_fds,
 )
+from popservice.server.workerlog import route
 from popservice.server.workers import ADOPTABLE_KINDS, supervisor
 from popservice.tlsutil import ReloadableServerTLS, usable
 
@@ -460,10 +461,13 @@ def workers_parent(options: Any) -> service.IService:
     lmtp = [options["lmtp"]] if options["lmtp"] else []
     descriptions = [*options["listen"], *options["listen-tls"], *lmtp]
     runtime_dir = options.get("runtime-dir") or os.environ.get("POPSERVICE_RUNTIME_DIR") or None
+    # The workers write their log lines where ours go (twistd's options: -n, --logfile, --syslog).
+    twistd_options = getattr(options, "parent", None)
+    log_route = route(twistd_options, options["log-format"]) if twistd_options is not None else "records"
     return supervisor(options.arguments, [with_backlog(d) for d in descriptions], options["workers"],
                       grace=options["shutdown-grace"], runtime_dir=runtime_dir,
                       pass_runtime_dir="runtime-dir" in options and runtime_dir is None,
-                      metrics=options["metrics"])
+                      metrics=options["metrics"], log_route=log_route)
 
 
 def makeService(options: Any) -> service.IService:

@@ -10,6 +10,7 @@ left running is the only one that can accept it.
 
 from __future__ import annotations
 
+import json
 import os
 import poplib
 import pwd
@@ -35,7 +36,8 @@ from twisted.trial import unittest
 from popservice import tap
 from popservice.server.logformat import event_as_json
 from popservice.server.worker import RECORD_SEPARATOR, connection_share, event_record
-from popservice.server.workers import relay_line
+from popservice.server.workerlog import PIPE_BUF, LineWriter, route, worker_log_observer
+from popservice.server.workers import WorkerProcess, relay_line
 from tests.interop.world import RawPOP, World, client_context, free_port, simple_messages
 from tests.test_privileges import _free_low_port, make_maildir
 from tests.test_systemd import NO_SOCKET_ACTIVATE, SOCKET_ACTIVATE, NotifySocket, launch, unit_command
@@ -68,12 +70,27 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
+class StdoutWorld(World):
+    """A L{World} whose twistd logs to its stdout (C{-n} without C{--logfile}), as under systemd."""
+
+    def __init__(self, name: str, extra_args: list[str]) -> None:
+        super().__init__(name, extra_args)
+        self.log = os.path.join(self.root, "twistd.out")
+
+    def command_line(self) -> list[str]:
+        argv = super().command_line()
+        at = argv.index("-l")
+        del argv[at:at + 2]
+        return argv
+
+
 class Workers:
     """A L{World} whose server runs C{--workers N}; the workers' pids from its log."""
 
-    def __init__(self, case: unittest.TestCase, count: int = 2, *args: str) -> None:
+    def __init__(self, case: unittest.TestCase, count: int = 2, *args: str,
+                 world: type[World] = World) -> None:
         self.count = count
-        self.world = World("workers", ["--workers", str(count), *args])
+        self.world = world("workers", ["--workers", str(count), *args])
         self.world.add_user("carol", "carolpw", simple_messages("carol", 3))
         self.world.add_user("dave", "davepw", simple_messages("dave", 2))
         self.world.start()
@@ -336,6 +353,168 @@ class RelayTests(unittest.TestCase):
         lines = [e for e in seen if e.get("worker") == 2]
         self.assertEqual([e["line"] for e in lines], ["Traceback (most recent call last):", "{broken"])
         self.assertEqual([e["stream"] for e in lines], ["stderr", "stdout"])
+
+
+class WorkerLogTests(unittest.TestCase):
+    """Where the workers' log lines go (L{popservice.server.workerlog})."""
+
+    timeout = 120
+
+    def test_workers_write_to_the_parents_stdout_themselves(self) -> None:
+        """
+        Logging to stdout, each worker writes its lines there itself (on the
+        parent's own descriptor): they arrive while the parent is stopped,
+        whole, each with its worker.
+        """
+        workers = Workers(self, 2, world=StdoutWorld)
+        parent = workers.world.pid
+        out = os.path.realpath("/proc/%d/fd/1" % (parent,))
+        for index, pid in workers.pids().items():
+            # after its two sockets: the parent's stdout itself
+            self.assertEqual(os.path.realpath("/proc/%d/fd/5" % (pid,)), out, "worker %d" % index)
+        os.kill(parent, signal.SIGSTOP)
+        try:
+            for index in (1, 2):
+                with workers.only(index):
+                    self.assertEqual(workers.poplib_session("carol"), 3)
+            wait_for(lambda: workers.logins(1) == 1 and workers.logins(2) == 1,
+                     what="both logins logged while the parent is stopped")
+        finally:
+            os.kill(parent, signal.SIGCONT)
+        for _ in range(10):
+            self.assertEqual(workers.poplib_session("dave"), 2)
+        wait_for(lambda: workers.world.log_text().count(" reason=quit ") == 12, what="every QUIT logged")
+        stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
+        lines = workers.world.log_text().splitlines()
+        self.assertEqual([line for line in lines if not stamp.match(line)], [])
+        self.assertEqual(len([line for line in lines if "[worker=" in line and "pop3 login:" in line]), 12)
+
+    def test_json_lines_with_their_worker(self) -> None:
+        """--log-format json on stdout: the workers' objects, with a worker field, written by the workers."""
+        workers = Workers(self, 2, "--log-format", "json", world=StdoutWorld)
+        parent = workers.world.pid
+        os.kill(parent, signal.SIGSTOP)
+        try:
+            with workers.only(2):
+                self.assertEqual(workers.poplib_session("carol"), 3)
+
+            def logins() -> list[dict[str, Any]]:
+                objects = [json.loads(line) for line in workers.world.log_text().splitlines()]
+                return [o for o in objects if o.get("event") == "login"]
+
+            wait_for(lambda: len(logins()) == 1, what="the login logged while the parent is stopped")
+        finally:
+            os.kill(parent, signal.SIGCONT)
+        self.assertEqual((logins()[0]["worker"], logins()[0]["user"]), (2, "carol"))
+
+    def test_logfile_rotation_sees_every_worker_line(self) -> None:
+        """
+        --logfile PATH (twistd rotates it): the workers' lines go through the
+        parent, so SIGUSR1 rotates them with the parent's, and none is lost.
+        """
+        workers = Workers(self)
+        pids = workers.pids()
+        with workers.only(1):
+            self.assertEqual(workers.poplib_session("carol"), 3)
+        wait_for(lambda: workers.logins(1) == 1, what="the first login")
+        os.kill(workers.world.pid, signal.SIGUSR1)
+        wait_for(lambda: os.path.exists(workers.world.log + ".1"), what="the log rotated")
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            self.assertEqual(workers.poplib_session("carol"), 3)  # worker 2's
+        finally:
+            os.kill(pids[1], signal.SIGCONT)
+        wait_for(lambda: workers.logins(2) == 1, what="the second login, in the new file")
+        with open(workers.world.log + ".1", errors="replace") as f:
+            old = f.read()
+        self.assertEqual(old.count("pop3 login:"), 1)
+        self.assertIn("[worker=1 popservice.session#info] pop3 login:", old)
+        self.assertEqual(workers.world.log_text().count("pop3 login:"), 1)
+
+    def test_route_follows_twistds_log_options(self) -> None:
+        self.assertEqual(route({"nodaemon": True, "logfile": None}, "text"), "text")
+        self.assertEqual(route({"nodaemon": True, "logfile": "-"}, "json"), "json")
+        self.assertEqual(route({"nodaemon": True, "logfile": "/var/log/pop3.log"}, "text"), "text-pass")
+        self.assertEqual(route({"nodaemon": False, "logfile": None}, "json"), "json-pass")  # twistd.log
+        self.assertEqual(route({"nodaemon": True, "syslog": True}, "text"), "records")
+        self.assertEqual(route({"nodaemon": True, "logger": object()}, "text"), "records")
+
+
+class LogDescriptorTests(unittest.TestCase):
+    """The parent's end of a worker's log descriptor when it is a pipe (C{--logfile PATH}, C{--syslog})."""
+
+    def test_lines_pass_through_whole(self) -> None:
+        written: list[str] = []
+
+        class LogFile:
+            def write(self, text: str) -> None:
+                written.append(text)
+
+            def flush(self) -> None:
+                pass
+
+        worker = WorkerProcess(None, 2, lambda e: self.fail("published"), log_fd=5,  # type: ignore[arg-type]
+                               log_file=LogFile())
+        worker.childDataReceived(5, b"first [worker=2 x] one\nsecond [worker=2 x] tw")
+        worker.childDataReceived(5, b"o\nthird")
+        self.assertEqual(written, ["first [worker=2 x] one\n", "second [worker=2 x] two\n"])
+
+    def test_records_are_published(self) -> None:
+        published: list[dict[str, Any]] = []
+        worker = WorkerProcess(None, 2, published.append, log_fd=5)  # type: ignore[arg-type]
+        event = {"log_format": "pop3 {event}", "event": "login", "log_level": LogLevel.info,
+                 "log_namespace": "popservice.session", "log_time": 1.5}
+        worker.childDataReceived(5, event_record(event).encode())
+        self.assertEqual([(e["worker"], e["log_system"], formatEvent(e)) for e in published],
+                         [(2, "worker=2 popservice.session#info", "pop3 login")])
+
+
+class LineWriterTests(unittest.TestCase):
+    def test_lines_go_out_whole_in_pipe_sized_writes(self) -> None:
+        """Never more than PIPE_BUF bytes a write (a longer line alone), always ending at a line's end."""
+        writes: list[bytes] = []
+
+        def write(fd: int, data: bytes) -> int:
+            writes.append(bytes(data))
+            return len(data)
+
+        class Stopped:
+            running = False
+
+        writer = LineWriter(7, Stopped(), write)
+        lines = ["%03d %s\n" % (i, "x" * (i * 37 % 900)) for i in range(40)] + ["y" * 5000 + "\n"]
+        for line in lines:
+            writer.write(line)
+        writer.drain()
+        self.assertEqual(b"".join(writes), "".join(lines).encode())
+        self.assertTrue(all(w.endswith(b"\n") for w in writes))
+        self.assertEqual([w for w in writes if len(w) > PIPE_BUF], [b"y" * 5000 + b"\n"])
+        self.assertLess(len(writes), 20)
+
+    def test_a_turn_of_the_reactor_is_one_write(self) -> None:
+        """Within a turn of the running reactor, lines wait for its end; then one write."""
+        from twisted.internet import reactor, task
+
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        os.set_blocking(read_end, False)
+        observer = worker_log_observer({"POPSERVICE_WORKER_LOG": "text:%d:4" % write_end})
+
+        def log_in_a_turn() -> None:
+            for n in range(3):
+                observer({"log_format": "line {n}", "n": n, "log_level": LogLevel.info,
+                          "log_namespace": "popservice.session", "log_time": 1.0})
+            self.assertRaises(BlockingIOError, os.read, read_end, 65536)
+
+        def written(_: object) -> None:
+            text = os.read(read_end, 65536).decode()
+            self.assertEqual([line.split("] ", 1)[1] for line in text.splitlines()],
+                             ["line 0", "line 1", "line 2"])
+            self.assertIn(" [worker=4 popservice.session#info] line 0\n", text)
+
+        turn = task.deferLater(reactor, 0, log_in_a_turn)
+        return turn.addCallback(lambda _: task.deferLater(reactor, 0.01, lambda: None)).addCallback(written)
 
 
 class PrivilegedWorkers(unittest.TestCase):

@@ -7,40 +7,32 @@ its parent): what makes a C{twistd pop3} process a worker.
     PROXY header reader, C{ssl:} and C{--listen-tls} TLS reloaded on SIGHUP);
   - L{connection_share}: its part of C{--max-connections} and
     C{--max-connections-per-ip};
-  - L{worker_log_observer}: its log, a JSON record per event on stdout,
-    which the parent publishes (L{event_record}, L{record_event});
+  - L{worker_log_observer}: its log (L{popservice.server.workerlog}): its
+    lines written where the parent's go, or records the parent publishes;
   - L{ParentWatch}: it stops gracefully when its parent is gone.
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import math
 import os
 import socket
-import sys
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import abstract, main
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.logger import ILogObserver, InvalidLogLevelError, LogEvent, Logger, LogLevel, formatEvent
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+
+from popservice.server.workerlog import RECORD_SEPARATOR, event_record, record_event, worker_log_observer
 
 __all__ = ["RECORD_SEPARATOR", "AdoptingReactor", "ParentWatch", "adopted_description", "connection_share",
            "event_record", "record_event", "worker_fds", "worker_log_observer"]
 
 log = Logger(namespace="popservice.workers")
-
-#: starts each log record a worker writes on its stdout
-RECORD_SEPARATOR = "\x1e"
-
-#: field values a record carries (others are in its text only)
-_PLAIN = (str, int, float, bool, type(None))
 
 
 def connection_share(cap: int, workers: int) -> int:
@@ -67,82 +59,6 @@ def adopted_description(description: str) -> str:
     as a plain TCP endpoint.  C{ssl:} keeps its files: TLS is the worker's.
     """
     return "tcp:0" if _kind(description) == "systemd" else description
-
-
-def event_record(event: LogEvent) -> str:
-    """
-    A log event as one line for the parent (L{record_event} reads it): its
-    time, level, namespace and system, its text formatted here (a traceback
-    after it), and its plain fields; C{RECORD_SEPARATOR} first.
-    """
-    level = event.get("log_level")
-    text = formatEvent(event)
-    failure = event.get("log_failure")
-    if failure is not None:
-        text = "%s\n%s" % (text, failure.getTraceback())
-    fields = {k: v for k, v in event.items() if not k.startswith("log_") and isinstance(v, _PLAIN)}
-    record: dict[str, object] = {"t": event.get("log_time"), "l": getattr(level, "name", "info"),
-                                 "n": event.get("log_namespace"), "x": text, "f": fields}
-    system = event.get("log_system")
-    if system is not None:
-        record["s"] = str(system)
-    return RECORD_SEPARATOR + json.dumps(record, separators=(",", ":"), default=str) + "\n"
-
-
-def record_event(record: str) -> dict[str, Any]:
-    """The event of a line L{event_record} made (its text as C{log_text}); C{ValueError} if it is none."""
-    fields = json.loads(record[1:] if record.startswith(RECORD_SEPARATOR) else record)
-    if not isinstance(fields, dict) or not isinstance(fields.get("f"), dict):
-        raise ValueError("not a log record")
-    event: dict[str, Any] = dict(fields["f"])
-    try:
-        level = LogLevel.levelWithName(str(fields.get("l")))
-    except InvalidLogLevelError:
-        level = LogLevel.info
-    event.update(log_time=fields.get("t"), log_level=level, log_namespace=fields.get("n") or "-",
-                 log_format="{log_text}", log_text=str(fields.get("x", "")))
-    if "s" in fields:
-        event["log_system"] = fields["s"]
-    return event
-
-
-@implementer(ILogObserver)
-class _RecordObserver:
-    """
-    Writes every event as L{event_record} to a file, flushed once per turn of
-    the reactor (one write, and one wake-up of the parent, for all the
-    events of a turn), and at exit.
-    """
-
-    def __init__(self, out: IO[str], reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.out = out
-        self.reactor: Any = reactor
-        self._pending = False
-        atexit.register(self.flush)
-
-    def __call__(self, event: LogEvent) -> None:
-        self.out.write(event_record(event))
-        if not self._pending:
-            self._pending = True
-            self.reactor.callLater(0, self.flush)
-
-    def flush(self) -> None:
-        self._pending = False
-        try:
-            self.out.flush()
-        except (OSError, ValueError):  # the parent is gone, or the stream closed at exit
-            pass
-
-
-def worker_log_observer() -> ILogObserver:
-    """
-    twistd's C{--logger} in a worker: each event a record on stdout (the
-    stream twistd found, before it sends stdout to the log), which the
-    parent publishes again (L{popservice.server.workers.relay_line}).
-    """
-    return _RecordObserver(sys.stdout)
 
 
 class AdoptingReactor:

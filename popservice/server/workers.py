@@ -33,12 +33,16 @@ The parent supervises:
     gracefully when the parent is gone (killed), so no orphan serves on.
 
 Workers log through twistd's C{--logger}
-(L{popservice.server.worker.worker_log_observer}): each
-event a JSON record on stdout, which the parent publishes again with a
-C{worker} field and C{worker=N} in front of its system, so the parent's log
-(text or C{--log-format json}) carries every worker's events; other lines a
-worker writes (a traceback before its logging started) are logged line by
-line, naming the worker.
+(L{popservice.server.workerlog.worker_log_observer}) on one more descriptor
+(after the sockets), each line with C{worker=N} in front of its system (or
+a C{worker} field in JSON): when the parent logs to a stream (stdout with
+C{-n}), that descriptor I{is} the parent's, and each worker writes its lines
+there itself; with C{--logfile PATH} (rotated by twistd) it is a pipe whose
+lines the parent writes unparsed to its log file; else (C{--syslog}, a
+C{--logger}) it carries records the parent publishes to its observers
+(L{popservice.server.workerlog.route}).  The workers' stdout and stderr are
+pipes to the parent: other lines a worker writes (a traceback before its
+logging started) are logged line by line, naming the worker.
 
 The parent makes a private directory (mode 0700) for the workers' runtime
 files (take-over control sockets, metrics sockets), unless C{--runtime-dir}
@@ -64,15 +68,23 @@ from typing import Any
 from twisted.application import service, strports
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import LogBeginner, Logger, globalLogBeginner, globalLogPublisher
 from twisted.python.failure import Failure
 
 from popservice import sdnotify
 from popservice.server.startup import ListeningServices
-from popservice.server.worker import RECORD_SEPARATOR, record_event, worker_log_observer
+from popservice.server.workerlog import (
+    ENVIRONMENT,
+    RECORD_SEPARATOR,
+    pass_through,
+    record_event,
+    worker_log_observer,
+    worker_setting,
+    worker_system,
+)
 
-__all__ = ["ADOPTABLE_KINDS", "SharedListener", "WorkerPool", "WorkerProcess", "relay_line", "supervisor",
-           "worker_command"]
+__all__ = ["ADOPTABLE_KINDS", "LogFileFinder", "SharedListener", "WorkerPool", "WorkerProcess", "relay_line",
+           "supervisor", "worker_command"]
 
 log = Logger(namespace="popservice.workers")
 
@@ -166,26 +178,24 @@ class SharedListener(service.Service):
         return int(self.port.fileno())  # type: ignore[attr-defined]
 
 
-def relay_line(index: int, fd: int, line: bytes, publish: Callable[[dict[str, Any]], None]) -> None:
+def relay_line(index: int, fd: int, line: bytes, publish: Callable[[dict[str, Any]], None], *,
+               records: bool | None = None) -> None:
     """
-    One line worker C{index} wrote on C{fd}: a log record (stdout,
-    L{popservice.server.worker.event_record}) is published as its event,
+    One line worker C{index} wrote on C{fd}: a log record (on stdout, or
+    on the log descriptor of the C{records} route: C{records=True};
+    L{popservice.server.workerlog.event_record}) is published as its event,
     with C{worker} and C{worker=N} in front of its system; anything else is
     logged as a line of that worker.
     """
     text = line.decode("utf-8", "replace").rstrip("\r")
-    if fd == 1 and text.startswith(RECORD_SEPARATOR):
+    if (fd == 1 if records is None else records) and text.startswith(RECORD_SEPARATOR):
         try:
             event = record_event(text)
         except ValueError:
             pass
         else:
-            system = event.get("log_system")
-            if system is None:
-                level = event.get("log_level")
-                system = "%s#%s" % (event.get("log_namespace", "-"), getattr(level, "name", "-"))
+            event["log_system"] = worker_system(index, event)
             event["worker"] = index
-            event["log_system"] = "worker=%d %s" % (index, system)
             publish(event)
             return
     text = text.lstrip(RECORD_SEPARATOR)
@@ -196,12 +206,19 @@ def relay_line(index: int, fd: int, line: bytes, publish: Callable[[dict[str, An
 
 
 class WorkerProcess(protocol.ProcessProtocol):
-    """One worker process: relays its output, tells the pool when it ends."""
+    """
+    One worker process: relays its output, tells the pool when it ends.
+    C{log_fd}: its log descriptor when it is a pipe to us, carrying records
+    (C{log_file} None) or lines for C{log_file}.
+    """
 
-    def __init__(self, pool: WorkerPool, index: int, publish: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, pool: WorkerPool, index: int, publish: Callable[[dict[str, Any]], None],
+                 log_fd: int | None = None, log_file: Any = None) -> None:
         self.pool = pool
         self.index = index
         self.publish = publish
+        self.log_fd = log_fd
+        self.log_file = log_file
         self.pid: int | None = None
         self.started = time.monotonic()
         self.ended = False
@@ -212,6 +229,13 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == self.log_fd and self.log_file is not None:
+            rest = pass_through(self._buffers.pop(childFD, b""), data, self.log_file)
+            if len(rest) > MAX_LINE:
+                rest = pass_through(rest, b"\n", self.log_file)
+            if rest:
+                self._buffers[childFD] = rest
+            return
         lines = (self._buffers.pop(childFD, b"") + data).split(b"\n")
         rest = lines.pop()
         if len(rest) > MAX_LINE:
@@ -219,8 +243,9 @@ class WorkerProcess(protocol.ProcessProtocol):
             rest = b""
         if rest:
             self._buffers[childFD] = rest
+        records = childFD in (1, self.log_fd)
         for line in lines:
-            relay_line(self.index, childFD, line, self.publish)
+            relay_line(self.index, childFD, line, self.publish, records=records)
 
     def signal(self, name: str) -> None:
         """Send the signal C{name} (C{TERM}, C{HUP}, C{KILL}) unless the worker is gone."""
@@ -242,7 +267,10 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in sorted(self._buffers.items()):
-            relay_line(self.index, fd, rest, self.publish)
+            if fd == self.log_fd and self.log_file is not None:
+                pass_through(rest, b"\n", self.log_file)
+            else:
+                relay_line(self.index, fd, rest, self.publish, records=fd in (1, self.log_fd))
         self._buffers.clear()
         self.ended = True
         self.pool.worker_ended(self, reason)
@@ -262,18 +290,56 @@ def _how(reason: Failure) -> str:
     return "exit status %s" % (code if code is not None else "?",)
 
 
+class LogFileFinder:
+    """
+    The file twistd's log observer writes to (its C{--logfile}), for the
+    C{-pass} routes: catches the observers twistd hands to
+    C{beginner.beginLoggingTo} (once, after C{makeService}; whatever
+    wrapped that method before, C{use_json_logs}, is called as it was).
+    """
+
+    def __init__(self, beginner: LogBeginner = globalLogBeginner) -> None:
+        self.observers: list[object] = []
+        had = "beginLoggingTo" in vars(beginner)
+        original = beginner.beginLoggingTo
+
+        def begin_logging_to(observers: Any, discardBuffer: bool = False,
+                             redirectStandardIO: bool = True) -> None:
+            if had:
+                setattr(beginner, "beginLoggingTo", original)  # noqa: B010 (mypy: no assigning to a method)
+            else:
+                vars(beginner).pop("beginLoggingTo", None)
+            observers = list(observers)
+            self.observers.extend(observers)
+            original(observers, discardBuffer, redirectStandardIO)
+
+        setattr(beginner, "beginLoggingTo", begin_logging_to)  # noqa: B010
+
+    def file(self) -> Any:
+        """The first file observer's file (twistd's C{LogFile}), or None."""
+        for observer in self.observers:
+            out = getattr(observer, "_outFile", None)
+            if out is not None and callable(getattr(out, "write", None)):
+                return out
+        return None
+
+
 class WorkerPool(service.Service):
     """
     Spawns C{count} workers once the reactor runs (after twistd dropped its
     privileges), spawns again those that end, forwards SIGHUP, and stops them
     all gracefully.  C{command(index, runtime_dir)} is a worker's argv.
+    C{log_route}: where the workers' log lines go
+    (L{popservice.server.workerlog.route}); C{log_file()}, the parent's log
+    file for the C{-pass} routes (else, or when it gives None, records).
     """
 
     def __init__(self, count: int, command: Callable[[int, str], list[str]],
                  listeners: Sequence[SharedListener], *, grace: float, runtime_dir: str | None = None,
                  environ: Mapping[str, str] | None = None, reactor: Any = None,
                  notify: Callable[[str], object] = sdnotify.notify,
-                 publish: Callable[[dict[str, Any]], None] = globalLogPublisher) -> None:
+                 publish: Callable[[dict[str, Any]], None] = globalLogPublisher,
+                 log_route: str = "records", log_file: Callable[[], Any] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.count = count
@@ -285,6 +351,8 @@ class WorkerPool(service.Service):
         self.environ = dict(os.environ if environ is None else environ)
         self.reactor: Any = reactor
         self.publish = publish
+        self.log_route = log_route
+        self.log_file = log_file
         self._notify = notify
         #: the live workers by index (1..count)
         self.workers: dict[int, WorkerProcess] = {}
@@ -316,7 +384,7 @@ class WorkerPool(service.Service):
 
     def _environment(self) -> dict[str, str]:
         env = {k: v for k, v in self.environ.items()
-               if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+               if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", ENVIRONMENT)}
         # The workers import what we imported, from where we did (twistd finds plugins on sys.path).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         if self.runtime_dir is not None:
@@ -332,10 +400,22 @@ class WorkerPool(service.Service):
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         for k, listener in enumerate(self.listeners):
             child_fds[FIRST_FD + k] = listener.fileno()
-        worker = WorkerProcess(self, index, self.publish)
+        # The log descriptor, after the sockets: our own log's, or a pipe to us.
+        log_fd = FIRST_FD + len(self.listeners)
+        chosen, log_file = self.log_route, None
+        if chosen.endswith("-pass"):
+            log_file = self.log_file() if self.log_file is not None else None
+            if log_file is None:
+                chosen = "records"
+        direct = chosen in ("text", "json")
+        child_fds[log_fd] = 1 if direct else "r"
+        worker = WorkerProcess(self, index, self.publish, log_fd=None if direct else log_fd,
+                               log_file=log_file)
+        env = self._environment()
+        env[ENVIRONMENT] = worker_setting(chosen, log_fd, index)
         try:
             self.reactor.spawnProcess(worker, sys.executable, self.command(index, self.runtime_dir),
-                                      env=self._environment(), childFDs=child_fds)
+                                      env=env, childFDs=child_fds)
         except OSError as e:
             log.error("worker {worker} could not be started: {why}", worker=index, why=str(e))
             self._schedule(index, quick=True)
@@ -460,7 +540,7 @@ def worker_command(arguments: Sequence[str], index: int, fds: Sequence[int],
 
 def supervisor(arguments: Sequence[str], descriptions: Sequence[str], count: int, *, grace: float,
                runtime_dir: str | None = None, pass_runtime_dir: bool = False,
-               metrics: str | None = None) -> service.MultiService:
+               metrics: str | None = None, log_route: str = "records") -> service.MultiService:
     """
     The application of the parent: a L{SharedListener} per endpoint string
     (every C{--listen}, C{--listen-tls}, then C{--lmtp}; a bind failure is one
@@ -470,6 +550,8 @@ def supervisor(arguments: Sequence[str], descriptions: Sequence[str], count: int
     given: C{runtime_dir} is None).  C{metrics}: the endpoint where the
     parent serves every worker's metrics (L{popservice.server.gathermetrics};
     each worker serves its own on a unix socket in the runtime directory).
+    C{log_route}: where the workers' log lines go
+    (L{popservice.server.workerlog.route}).
     """
     top = ListeningServices()
     listeners: list[SharedListener] = []
@@ -483,7 +565,9 @@ def supervisor(arguments: Sequence[str], descriptions: Sequence[str], count: int
             own_metrics = worker_endpoint(directory, index)
         return worker_command(arguments, index, fds, directory if pass_runtime_dir else None, own_metrics)
 
-    pool = WorkerPool(count, command, listeners, grace=grace, runtime_dir=runtime_dir)
+    finder = LogFileFinder() if log_route.endswith("-pass") else None
+    pool = WorkerPool(count, command, listeners, grace=grace, runtime_dir=runtime_dir, log_route=log_route,
+                      log_file=finder.file if finder is not None else None)
     for description in descriptions:
         listener = SharedListener(description, until=pool.ended)
         listeners.append(listener)
