@@ -19,7 +19,7 @@ from twisted.cred.credentials import ICredentials
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from twisted.internet.defer import Deferred
 
@@ -105,8 +105,11 @@ class IMailbox(Interface):
     fixed for the session.  Indices are 0-based positions in that listing.
     """
 
-    def listing() -> "Deferred[list[MessageInfo]]":
-        """Deferred firing with a sequence of L{MessageInfo}, oldest first."""
+    def listing() -> "Deferred[Sequence[MessageInfo]]":
+        """
+        Deferred firing with a sequence of L{MessageInfo}, oldest first, that
+        nobody modifies afterwards (a session keeps it as it is, no copy).
+        """
 
     def open(index: int) -> "Deferred[IMessageStream]":
         """

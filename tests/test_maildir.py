@@ -38,6 +38,7 @@ from popservice.stores.maildir import (
 from popservice.stores.maildir import cache as maildir_cache
 from popservice.stores.maildir import scan as maildir_scan
 from popservice.stores.maildir import store as maildir_store
+from popservice.stores.maildir.listing import Listing
 from popservice.wire import transmitted_size
 
 UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
@@ -919,3 +920,30 @@ class FastPathTests(MaildirTestCase):
         self.assertIsNone(cache.get("z", b"3"))
         cache.clear()
         self.assertIsNone(cache.get("x", b"1"))
+
+
+class CompactListingTests(unittest.TestCase):
+    """L{Listing}: one string, its offsets and the sizes, read back exactly."""
+
+    def test_round_trip(self) -> None:
+        files = ["1700000000.a.host:2,", "new/1700000001.b.host", "1700000002.c \udcff host:2,S"]
+        sizes = [5, 2**40, 0]
+        uids = ["0000000165432100", "x", "UID-\x7e"]
+        listing = Listing(files, sizes, uids)
+        self.assertEqual(len(listing), 3)
+        self.assertEqual(listing.files(), files)
+        self.assertEqual(listing.uids(), uids)
+        self.assertEqual([listing.size(i) for i in range(3)], sizes)
+        self.assertEqual(list(listing), [MessageInfo(s, u) for s, u in zip(sizes, uids, strict=True)])
+        self.assertEqual(listing[1], MessageInfo(2**40, "x"))
+        self.assertEqual(listing, list(listing))
+        self.assertEqual(listing.subset([2, 0]).files(), [files[2], files[0]])
+        self.assertEqual(listing.subset([2, 0]).uids(), [uids[2], uids[0]])
+        moved = listing.with_files(["a", "b", "c"])
+        self.assertEqual(moved, listing)
+        self.assertEqual(moved.files(), ["a", "b", "c"])
+        for bad in (3, -1):
+            self.assertRaises(IndexError, listing.file, bad)
+            self.assertRaises(IndexError, listing.uid, bad)
+        self.assertEqual(list(Listing([], [], [])), [])
+        self.assertRaises(ValueError, Listing, ["a"], [], [])

@@ -67,8 +67,8 @@ def open_session(shell: Shell, result: tuple[Any, Any, Callable[[], None]], name
         return f
 
     def listed(listing: Sequence[MessageInfo]) -> MailboxSession | None:
-        # Every store hands over a list of its own making: no copy per session.
-        session = MailboxSession(mailbox, listing if isinstance(listing, list) else list(listing))
+        # Every store hands over a sequence nobody modifies (IMailbox.listing): no copy per session.
+        session = MailboxSession(mailbox, listing if isinstance(listing, Sequence) else list(listing))
         if shell.closed:
             # The client went away while we opened the mailbox.
             defer.maybeDeferred(mailbox.close)

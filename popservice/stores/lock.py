@@ -148,6 +148,8 @@ class FcntlMailboxLock:
     @param identity: whom the holder record names (default: L{this_process}).
     """
 
+    __slots__ = ("path", "user", "identity", "_fd")
+
     log = Logger()
 
     def __init__(self, path: str, user: str | None = None, identity: ProcessIdentity | None = None) -> None:

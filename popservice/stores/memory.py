@@ -6,6 +6,7 @@ as the smallest example of the store interfaces.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from twisted.internet import defer
 from zope.interface import implementer
@@ -48,7 +49,7 @@ class MemoryMailbox:
         self._frozen = list(store.messages.get(user, []))
         self.closed = False
 
-    def listing(self) -> "defer.Deferred[list[MessageInfo]]":
+    def listing(self) -> "defer.Deferred[Sequence[MessageInfo]]":
         return defer.succeed([
             MessageInfo(wire.transmitted_size([m]), hashlib.sha256(m).hexdigest()[:32])
             for m in self._frozen

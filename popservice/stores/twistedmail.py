@@ -10,7 +10,7 @@ C{listMessages} is handled too).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from twisted.internet import defer
@@ -56,7 +56,7 @@ class TwistedMailboxAdapter:
         self.mailbox = mailbox
         self._logout = logout
 
-    def listing(self) -> "defer.Deferred[list[MessageInfo]]":
+    def listing(self) -> "defer.Deferred[Sequence[MessageInfo]]":
         d: defer.Deferred[Any] = defer.maybeDeferred(self.mailbox.listMessages)
 
         def got(sizes: list[int]) -> list[MessageInfo]:

@@ -19,8 +19,10 @@ Layout and rules (see also /work/shared/pop3-notes.md, "Maildir"):
    again after a migration.
 
 Filesystem work (directory scan, size computation, unlinking) runs in the
-reactor's thread pool; reading an open message file is done synchronously in
-64 KiB chunks (local reads are fast).
+reactor's thread pool, except a warm login: a Maildir unchanged since its
+last listing (four stat calls tell) is locked and listed on the reactor
+thread.  Reading an open message file is done synchronously in 64 KiB
+chunks (local reads are fast).
 
 Where each part lives (a module imports only the ones above it):
 
@@ -32,7 +34,10 @@ Where each part lives (a module imports only the ones above it):
    assignment, atomic writes and the lock around them.
  - L{importers}: taking UIDLs over from C{dovecot-uidlist} (and Dovecot's
    C{pop3_uidl_format}) or C{courierpop3dsizelist}.
- - L{cache}: the per-process listing cache of warm logins.
+ - L{listing}: L{Listing}, a compact session listing, shared between sessions.
+ - L{freshness}: has the Maildir changed since a listing was made (a few stat calls)?
+ - L{cache}: the listings kept between logins (a store's warm listings, the
+   per-process cache of big Maildirs).
  - L{scan}: L{scan_maildir}, the session listing, made from all of the above.
  - L{mailbox}: L{MaildirMailbox}: reading, deleting (UPDATE), EXPIRE hooks.
  - L{store}: L{MaildirStore}: path templates, user-name check, session lock.

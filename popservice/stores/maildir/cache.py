@@ -1,18 +1,75 @@
 """
-The per-process listing cache: a warm login of a big Maildir whose files
-still match its C{popservice-uidlist} takes the session listing (RFC 1939
-message numbers, sizes and UIDLs) from memory, keyed by the index file's
-exact content, so it is never stale whoever wrote the file.
+Listings kept in memory between logins:
+
+ - L{WarmListings}, a store's own: the last listing of each Maildir, with the
+   state it was made from (L{popservice.stores.maildir.freshness}).  A login
+   whose Maildir still has that state takes it without a scan, on the
+   reactor thread, and shares it with the other sessions (and the cache).
+ - L{_ListingCache}, per process: a login of a big Maildir whose files
+   still match its C{popservice-uidlist} (a flag changed by another client,
+   say) takes the sizes and UIDLs from memory, keyed by the index file's
+   exact content, so it is never stale whoever wrote the file.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from popservice.interfaces import MessageInfo
+from popservice.stores.maildir.listing import Listing
 
-__all__ = ["LISTING_CACHE_MESSAGES", "LISTING_CACHE_MINIMUM"]
+__all__ = ["LISTING_CACHE_MESSAGES", "LISTING_CACHE_MINIMUM", "WarmListings"]
+
+
+class WarmListings:
+    """
+    The last listing of each Maildir a store opened, least recently used
+    dropped first beyond C{budget} messages in all or C{entries} Maildirs.
+    Used on the reactor thread only.  Its listings are shared with the
+    sessions (never copied), so a Maildir in use costs nothing more here
+    than its entry in a plain dictionary (kept in use order).
+    """
+
+    __slots__ = ("budget", "entries", "_listings", "_messages")
+
+    def __init__(self, budget: int = 100_000, entries: int = 20_000) -> None:
+        self.budget = budget
+        self.entries = entries
+        self._listings: dict[str, Listing] = {}
+        self._messages = 0
+
+    def get(self, path: str) -> tuple[str, Listing] | None:
+        """(the key, equal to C{path}: one string per Maildir, shared), the listing."""
+        listings = self._listings
+        listing = listings.pop(path, None)
+        if listing is None:
+            return None
+        key = listing.path if listing.path == path else path
+        listings[key] = listing  # now the most recent
+        # the dictionary's own key: the sessions share it rather than keeping a copy each
+        return key, listing
+
+    def put(self, path: str, listing: Listing) -> None:
+        """Keep C{listing} as the last one of C{path} (never modified afterwards)."""
+        self.forget(path)
+        if len(listing) > self.budget // 10:
+            return
+        listing.path = path
+        self._listings[path] = listing
+        self._messages += len(listing)
+        while self._messages > self.budget or len(self._listings) > self.entries:
+            oldest = next(iter(self._listings))
+            self._messages -= len(self._listings.pop(oldest))
+
+    def forget(self, path: str) -> None:
+        old = self._listings.pop(path, None)
+        if old is not None:
+            self._messages -= len(old)
+
+    def __len__(self) -> int:
+        return len(self._listings)
 
 
 class _ListingCache:
@@ -31,12 +88,12 @@ class _ListingCache:
     def __init__(self, budget: int, minimum: int) -> None:
         self.budget = budget
         self.minimum = minimum
-        self._entries: OrderedDict[str, tuple[bytes, list[str], list[MessageInfo]]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[bytes, list[str], Sequence[MessageInfo]]] = OrderedDict()
         self._messages = 0
         self._lock = threading.Lock()
 
-    def get(self, path: str, raw: bytes) -> tuple[list[str], list[MessageInfo]] | None:
-        """(base names, infos) made from index content C{raw} of C{path}, if kept."""
+    def get(self, path: str, raw: bytes) -> tuple[list[str], Sequence[MessageInfo]] | None:
+        """(base names, listing) made from index content C{raw} of C{path}, if kept."""
         with self._lock:
             entry = self._entries.get(path)
             if entry is None:
@@ -48,7 +105,7 @@ class _ListingCache:
             self._entries.move_to_end(path)
             return entry[1], entry[2]
 
-    def put(self, path: str, raw: bytes, bases: list[str], infos: list[MessageInfo]) -> None:
+    def put(self, path: str, raw: bytes, bases: list[str], infos: Sequence[MessageInfo]) -> None:
         """Keep the listing (never modified afterwards) made from index content C{raw}."""
         if not self.minimum <= len(bases) <= self.budget:
             return

@@ -10,7 +10,10 @@ L{MessageGone} only (L{_translate}).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from twisted.internet import defer
@@ -28,8 +31,8 @@ from popservice.interfaces import (
     MessageGone,
     MessageInfo,
 )
-from popservice.stores.maildir.layout import _file_base, _find_all, _find_one, _nofollow_opener, _relpath
-from popservice.stores.maildir.scan import _Scan
+from popservice.stores.maildir.layout import _CLOEXEC, _NOFOLLOW, _file_base, _find_all, _find_one, _relpath
+from popservice.stores.maildir.listing import Listing
 from popservice.stores.maildir.sizes import CHUNK_SIZE
 from popservice.stores.maildir.uidlist import INDEX_FILE_NAME, _remove_from_index
 from popservice.stores.retrieval import RetrievalLog
@@ -54,24 +57,34 @@ def _translate(e: BaseException, what: str) -> Exception:
     return MailboxUnavailable("mailbox temporarily unavailable")
 
 
+_READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
+
+
 @implementer(ISizedMessageStream)
 class MaildirMessageStream:
     """
-    A message file read in chunks of L{CHUNK_SIZE} (or what the reader sets
-    C{chunk_size} to), unbuffered: no buffer of the file's own per open
-    message; closed at the end.
+    A message file (an open file descriptor, owned by the stream) read in
+    chunks of L{CHUNK_SIZE} (or what the reader sets C{chunk_size} to), with
+    C{os.read}: no file object and no buffer per open message; closed at
+    the end.
     """
 
-    def __init__(self, f: BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
-        self._file: BinaryIO | None = f
+    __slots__ = ("_fd", "chunk_size")
+
+    def __init__(self, file: int | BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
+        if not isinstance(file, int):  # a file object: the stream takes its descriptor over
+            with file:
+                file = os.dup(file.fileno())
+        self._fd: int | None = file
         self.chunk_size = chunk_size
 
     def read(self) -> "defer.Deferred[bytes]":
-        f = self._file
-        if f is None:
+        fd = self._fd
+        if fd is None:
             return defer.succeed(b"")
         try:
-            chunk = f.read(self.chunk_size)
+            chunk = os.read(fd, self.chunk_size)
         except OSError as e:
             self.close()
             log.warn("error reading a message file: {error}", error=e)
@@ -81,74 +94,122 @@ class MaildirMessageStream:
         return defer.succeed(chunk)
 
     def close(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
-            f.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # a stream dropped unclosed must not keep its descriptor (a file object would close itself)
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            self._fd = None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @implementer(IExpiringMailbox)
 class MaildirMailbox:
     """
-    One session's view of a Maildir: the listing frozen at open.  Indices are
-    0-based positions in it.
+    One session's view of a Maildir: the listing frozen at open (a
+    L{Listing}, shared with the store's cache and other sessions, never
+    modified).  Indices are 0-based positions in it.
+
+    Message files are opened with C{O_NOFOLLOW} relative to a descriptor of
+    C{cur/} (itself opened with C{O_NOFOLLOW}, at the first read): a
+    symbolic link put in place of C{cur/} or of a message after the login's
+    checks is never followed, and no path is joined per message.
     """
 
-    def __init__(self, path: str, scan: _Scan, lock: IMailboxLock | None) -> None:
+    __slots__ = ("path", "_listing", "_moved", "_deleted", "_lock", "_closed", "_cur")
+
+    def __init__(self, path: str, listing: Listing, lock: IMailboxLock | None) -> None:
         self.path = path
-        # per message only its file name (shared with the scan) and its
-        # MessageInfo (shared with the session's listing): no record object
-        self._files = scan.files
-        self._infos = scan.infos
-        self._deleted: set[int] = set()
+        self._listing = listing
+        #: index -> file, for messages found renamed by another program (made when first needed)
+        self._moved: dict[int, str] | None = None
+        self._deleted: set[int] | None = None
         self._lock = lock
         self._closed = False
+        #: descriptor of cur/, opened at the first message read
+        self._cur: int | None = None
 
-    def listing(self) -> "defer.Deferred[list[MessageInfo]]":
-        return defer.succeed(list(self._infos))
+    def listing(self) -> "defer.Deferred[Sequence[MessageInfo]]":
+        return defer.succeed(self._listing)
+
+    def _file(self, index: int) -> str:
+        moved = self._moved
+        if moved is not None:
+            file = moved.get(index)
+            if file is not None:
+                return file
+        return self._listing.file(index)
 
     def _check(self, index: int) -> None:
         if self._closed:
             raise MailboxUnavailable("mailbox closed")
-        if not 0 <= index < len(self._files):
+        if not 0 <= index < len(self._listing):
             raise IndexError(f"no message {index}")
 
-    def _open_file(self, index: int) -> BinaryIO:
+    def _open_fd(self, file: str) -> int:
+        if "/" in file:  # still in new/ (rare: its move to cur/ failed)
+            fd = os.open(os.path.join(self.path, file), _READ_FLAGS)
+        else:
+            cur = self._cur
+            if cur is None:
+                cur = self._cur = os.open(os.path.join(self.path, "cur"), _DIRECTORY_FLAGS)
+            fd = os.open(file, _READ_FLAGS, dir_fd=cur)
+        try:
+            # (O_RDONLY opens a directory too; reading it would fail later)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IsADirectoryError(errno.EISDIR, "not a regular file", file)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_file(self, index: int) -> int:
+        file = self._file(index)
         for attempt in (0, 1):
             try:
-                return open(os.path.join(self.path, _relpath(self._files[index])), "rb", buffering=0,
-                            opener=_nofollow_opener)
+                return self._open_fd(file)
             except FileNotFoundError:
                 if attempt:
                     break
-                file = _find_one(self.path, _file_base(self._files[index]))
-                if file is None:
+                found = _find_one(self.path, _file_base(file))
+                if found is None:
                     break
-                self._files[index] = file
-        raise MessageGone(f"message {_file_base(self._files[index])} is gone")
+                file = found
+                if self._moved is None:
+                    self._moved = {}
+                self._moved[index] = found
+        raise MessageGone(f"message {_file_base(file)} is gone")
 
     def open(self, index: int) -> "defer.Deferred[IMessageStream]":
         try:
             self._check(index)
-            if index in self._deleted:
+            if self._deleted is not None and index in self._deleted:
                 raise MessageGone("message deleted")
-            f = self._open_file(index)
+            fd = self._open_file(index)
         except (MessageGone, MailboxUnavailable, IndexError) as e:
             return defer.fail(e)
         except OSError as e:
             return defer.fail(_translate(e, "opening a message"))
-        return defer.succeed(MaildirMessageStream(f))
+        return defer.succeed(MaildirMessageStream(fd))
 
     def _delete_sync(self, indices: list[int]) -> list[int]:
         failed: list[int] = []
         removed: list[str] = []
         where: dict[str, str] | None = None
+        if self._deleted is None:
+            self._deleted = set()
+        deleted = self._deleted
         for i in indices:
-            if not 0 <= i < len(self._files):
+            if not 0 <= i < len(self._listing):
                 failed.append(i)
                 continue
-            if i in self._deleted:
+            if i in deleted:
                 continue
-            file = self._files[i]
+            file = self._file(i)
             base = _file_base(file)
             try:
                 try:
@@ -165,7 +226,7 @@ class MaildirMailbox:
                          file=_relpath(file), path=self.path, error=e)
                 failed.append(i)
                 continue
-            self._deleted.add(i)
+            deleted.add(i)
             removed.append(base)
         if removed:
             try:
@@ -187,7 +248,8 @@ class MaildirMailbox:
 
     def record_retrieved(self, indices: "list[int]", when: float) -> "defer.Deferred[None]":
         """RFC 2449 EXPIRE: remember when these messages were first retrieved."""
-        uids = [self._infos[i].uid for i in indices if 0 <= i < len(self._infos) and i not in self._deleted]
+        listing, deleted = self._listing, self._deleted or ()
+        uids = [listing.uid(i) for i in indices if 0 <= i < len(listing) and i not in deleted]
         try:
             RetrievalLog(self.path).record(uids, when)
         except OSError as e:  # the message is merely kept longer
@@ -211,22 +273,35 @@ class MaildirMailbox:
         old = retrieval.expired(days, now)
         if not old:
             return 0
-        indices = [i for i, info in enumerate(self._infos) if info.uid in old]
+        listing = self._listing
+        uids = listing.uids()
+        indices = [i for i, uid in enumerate(uids) if uid in old]
         failed = set(self._delete_sync(indices))
         gone = {i for i in indices if i not in failed}
-        # The session's listing never shows them: new lists (the old ones may be shared).
-        keep = [i for i in range(len(self._files)) if i not in gone]
-        self._files = [self._files[i] for i in keep]
-        self._infos = [self._infos[i] for i in keep]
-        self._deleted = set()
-        present = {info.uid for info in self._infos}
+        # The session's listing never shows them: a new listing (the old one is shared).
+        keep = [i for i in range(len(listing)) if i not in gone]
+        self._listing = Listing([self._file(i) for i in keep], [listing.size(i) for i in keep],
+                                [uids[i] for i in keep])
+        self._moved = None
+        self._deleted = None
+        present = {uids[i] for i in keep}
         retrieval.forget(uid for uid in old if uid not in present)
         return len(gone)
+
+    def _close_cur(self) -> None:
+        cur, self._cur = getattr(self, "_cur", None), None
+        if cur is not None:
+            with contextlib.suppress(OSError):
+                os.close(cur)
+
+    def __del__(self) -> None:
+        self._close_cur()  # a session that never closed its mailbox must not keep a descriptor
 
     def close(self) -> "defer.Deferred[None]":
         if self._closed:
             return defer.succeed(None)
         self._closed = True
+        self._close_cur()
         lock, self._lock = self._lock, None
         if lock is None:
             return defer.succeed(None)
@@ -239,4 +314,4 @@ class MaildirMailbox:
             log.failure("releasing the lock of {path}", path=self.path)
 
     def __repr__(self) -> str:
-        return f"<MaildirMailbox {self.path!r}, {len(self._files)} messages>"
+        return f"<MaildirMailbox {self.path!r}, {len(self._listing)} messages>"

@@ -9,6 +9,10 @@ A warm login reads no message file: sizes come from C{,W=} in the name or
 from the index.  When the files match the index, nothing is written, and the
 listing is made with whole-list operations (no per-message Python code), or
 taken from the listing cache.  Runs in the reactor's thread pool.
+
+The listing is stamped with the state of the Maildir it follows from
+(L{popservice.stores.maildir.freshness}), when that is certain, so that the
+next login can take it without coming here.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ from __future__ import annotations
 import operator
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from twisted.logger import Logger
 
-from popservice.interfaces import MessageInfo
 from popservice.stores.maildir import cache
+from popservice.stores.maildir.freshness import directories_state, index_state, pack_state
 from popservice.stores.maildir.importers import DovecotUIDLFormat, _load_index
 from popservice.stores.maildir.layout import _find_all, _move_new_to_cur, _relpath
+from popservice.stores.maildir.listing import Listing
 from popservice.stores.maildir.order import _sorted_bases
 from popservice.stores.maildir.sizes import _w_size, compute_size
 from popservice.stores.maildir.uidlist import INDEX_FILE_NAME, _index_lock, _read_bytes, _write_index
@@ -35,34 +39,31 @@ log = Logger(namespace="popservice.stores.maildir")
 _SIZE_OF = operator.itemgetter(1)
 
 
-class _Scan(NamedTuple):
-    """The session listing of a Maildir, oldest first, as parallel lists."""
-
-    #: where each message is: its name in cur/ (most), else C{"new/<name>"}; see L{_relpath}
-    files: list[str]
-    infos: list[MessageInfo]
-
-
-def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
+def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> Listing:
     """
     The session listing of the Maildir at C{path}, oldest first, after moving
     new/ to cur/ and bringing the index up to date.  Runs in a thread.
 
     When the files match the index (a warm login with nothing new), this is a
-    handful of whole-list operations, with no per-message Python code but the
-    making of the L{MessageInfo}s, none at all when L{_listing_cache} has the
-    listing of this index; the index is then not rewritten.
+    handful of whole-list operations, with no per-message Python code, none
+    at all when L{_listing_cache} has the listing of this index; the index is
+    then not rewritten.
     """
     _move_new_to_cur(path)
     with _index_lock(path):
+        # before the directories are read: a change after this shows in their mtimes
+        directories, settled = directories_state(path)
         raw = _read_bytes(os.path.join(path, INDEX_FILE_NAME))
         found = _find_all(path)
         if raw is not None:
             cached = cache._listing_cache.get(path, raw)
             if cached is not None:
-                bases, cached_infos = cached
-                if len(found) == len(bases) and all(map(found.__contains__, bases)):
-                    return _Scan(list(map(found.__getitem__, bases)), cached_infos)
+                bases, cached_listing = cached
+                if (isinstance(cached_listing, Listing) and len(found) == len(bases)
+                        and all(map(found.__contains__, bases))):
+                    listing = cached_listing.with_files(list(map(found.__getitem__, bases)))
+                    _stamp(listing, path, directories, settled)
+                    return listing
         index, import_sizes, dirty = _load_index(path, uidl_format, raw)
         entries = index.entries
         candidates = list(entries)
@@ -126,8 +127,28 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
                           file=INDEX_FILE_NAME, path=path, error=e, count=len(fresh))
                 if fresh:
                     order = [b for b in order if b not in fresh]
+        # the index as this listing leaves it, while nobody else may write it
+        written_state = index_state(path) if source is not None else None
+    listing = _make_listing(path, order, entries, found, source)
+    if written_state is not None and directories is not None and settled:
+        listing.state = pack_state(directories, written_state)
+    return listing
+
+
+def _stamp(listing: Listing, path: str, directories: "tuple[int, int, int, int] | None",
+           settled: bool) -> None:
+    """Give C{listing} the state it follows from (called under the index lock)."""
+    if directories is None or not settled:
+        return
+    index = index_state(path)
+    if index is not None:
+        listing.state = pack_state(directories, index)
+
+
+def _make_listing(path: str, order: list[str], entries: "dict[str, tuple[str, int]]",
+                  found: dict[str, str], source: bytes | None) -> Listing:
     if not order:
-        return _Scan([], [])
+        return Listing([], [], [])
     uidls, stored_sizes = zip(*map(entries.__getitem__, order), strict=True)
     sizes: Sequence[int] = stored_sizes
     if ",W=" in "\0".join(order):
@@ -138,7 +159,7 @@ def scan_maildir(path: str, uidl_format: DovecotUIDLFormat) -> _Scan:
                 w = _w_size(base)
                 if w is not None:
                     sizes[i] = w
-    infos = list(map(MessageInfo, sizes, uidls))
+    listing = Listing(list(map(found.__getitem__, order)), sizes, uidls)
     if source is not None:
-        cache._listing_cache.put(path, source, order, infos)
-    return _Scan(list(map(found.__getitem__, order)), infos)
+        cache._listing_cache.put(path, source, order, listing)
+    return listing

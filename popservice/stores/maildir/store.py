@@ -12,6 +12,18 @@ a C{~} template.  A Maildir that a symbolic link leads out of it is refused
 with L{MailboxForbidden} (unless C{allow_symlinks}), and so is a Maildir
 owned by another uid than the one C{owner_of} gives for its user (the
 passwd-file's uid field), when it gives one.
+
+A warm login does all of it on the reactor thread, with four C{stat} calls
+and the lock: the store keeps the last listing of each Maildir
+(L{WarmListings}), stamped with the Maildir's identity when it passed the
+mail-root check and with the state of C{cur/}, C{new/} and the index it was
+made from (L{popservice.stores.maildir.freshness}).  The same Maildir
+inode needs no new root check before its lock file is opened (no symbolic
+link can have been put in place of it); the same C{cur/} and C{new/}
+inodes (C{lstat}: a symbolic link there is another inode) and index need
+neither a check nor a scan.  Anything else (a delivery, a removal, a
+flag changed by another client, a directory changed too recently to be
+sure) goes to the thread pool as before.
 """
 
 from __future__ import annotations
@@ -37,9 +49,12 @@ from popservice.interfaces import (
     NoSuchMailbox,
 )
 from popservice.stores.lock import LOCK_FILE_NAME, FcntlMailboxLock
+from popservice.stores.maildir.cache import WarmListings
 from popservice.stores.maildir.delivery import deliver_into, maildir_exists
+from popservice.stores.maildir.freshness import identity, stamp, warm_state
 from popservice.stores.maildir.importers import DEFAULT_DOVECOT_UIDL_FORMAT, DovecotUIDLFormat
 from popservice.stores.maildir.layout import ensure_maildir, outside_root
+from popservice.stores.maildir.listing import Listing
 from popservice.stores.maildir.mailbox import MaildirMailbox, _translate
 from popservice.stores.maildir.scan import scan_maildir
 
@@ -107,6 +122,8 @@ class MaildirStore:
         self._lock_factory = lock_factory
         self.allow_symlinks = allow_symlinks
         self.owner_of = owner_of
+        #: the last listing of each Maildir opened, for warm logins
+        self.listings = WarmListings()
 
     @classmethod
     def from_description(cls, description: str, **kwargs: object) -> "MaildirStore":
@@ -189,8 +206,11 @@ class MaildirStore:
                 "%s leads to %s, outside the mail root %s (a symbolic link; --allow-mail-symlinks "
                 "allows it)" % (escape[0], escape[1], root))
 
-    def _check_owner(self, user: str, path: str) -> None:
-        """L{MailboxForbidden} when the Maildir belongs to another uid than C{owner_of(user)}."""
+    def _check_owner(self, user: str, path: str, owner: int | None = None) -> None:
+        """
+        L{MailboxForbidden} when the Maildir belongs to another uid than
+        C{owner_of(user)}; C{owner} is its uid when known (else looked up).
+        """
         if self.owner_of is None:
             return
         field = self.owner_of(user)
@@ -199,10 +219,11 @@ class MaildirStore:
         expected = expected_uid(field)
         if expected is None:
             raise MailboxForbidden("the uid %r given for %s is no known user" % (field, user))
-        try:
-            owner = os.stat(path).st_uid
-        except OSError as e:
-            raise MailboxUnavailable("cannot look at Maildir %s: %s" % (path, e)) from e
+        if owner is None:
+            try:
+                owner = os.stat(path).st_uid
+            except OSError as e:
+                raise MailboxUnavailable("cannot look at Maildir %s: %s" % (path, e)) from e
         if owner != expected:
             raise MailboxForbidden(
                 "Maildir %s belongs to uid %d, not to uid %d of %s in the passwd-file "
@@ -221,24 +242,53 @@ class MaildirStore:
         Deferred firing with the locked, scanned L{MaildirMailbox} of C{user};
         failing with L{MailboxInUse} or L{MailboxUnavailable} only
         (L{MailboxForbidden}: outside the mail root, or another owner's).
+        Already fired when the Maildir is as its last listing found it.
         """
         try:
             path = self.maildir_path(user, home)
-            self._check_root(user, home, path)
+            ident = identity(path)
+            known = self.listings.get(path)
+            cached: Listing | None = None
+            if known is not None:
+                path, cached = known  # one path string per Maildir, shared
+                state = cached.state
+                if state is None or ident is None or not state.startswith(ident[0]):
+                    cached = None
+            if cached is None:
+                self._check_root(user, home, path)
+            # else the same Maildir inode as when the check last passed: no symbolic link can have
+            # been put in its place, and its lock file is opened without following one
         except MailboxUnavailable as e:
             return defer.fail(e)
-        return defer.Deferred.fromCoroutine(self._open(path, user))
+        return defer.Deferred.fromCoroutine(self._open(path, user, home, ident, cached))
 
-    async def _open(self, path: str, user: str = "") -> IMailbox:
+    async def _open(self, path: str, user: str = "", home: str | None = None,
+                    ident: tuple[bytes, int] | None = None, cached: Listing | None = None) -> IMailbox:
+        """
+        Lock and list the Maildir C{path} whose L{identity} was C{ident}
+        before the mail-root check (C{cached}: a listing made when it had that
+        identity; that check was skipped).
+        """
         lock = self._make_lock(path, user)
         try:
-            if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("cur", "new", "tmp")):
-                # Usually there already: one stat here instead of a thread hop.
-                await deferToThread(ensure_maildir, path)
-            self._check_owner(user, path)
+            if cached is None:
+                await self._ensure(path)
+            self._check_owner(user, path, ident[1] if ident is not None else None)
             if lock is not None:
                 await defer.maybeDeferred(lock.acquire)
-            messages = await deferToThread(scan_maildir, path, self.uidl_format)
+            # (under the lock: another session's UPDATE is over when it is ours)
+            if cached is not None and ident is not None and warm_state(path, ident[0]) == cached.state:
+                listing = cached
+            else:
+                if cached is not None:
+                    # cur/ or new/ changed: they could be symbolic links now
+                    self._check_root(user, home, path)
+                    await self._ensure(path)
+                listing = await deferToThread(scan_maildir, path, self.uidl_format)
+                # with the identity the root check (this one or the last) passed, for the next login
+                state = listing.state
+                listing.state = None if state is None or ident is None else stamp(ident[0], state)
+                self.listings.put(path, listing)
         except Exception as e:
             # CancelledError (the client went away) passes unchanged and unlogged
             error = e if isinstance(e, defer.CancelledError) else _translate(e, f"opening Maildir {path}")
@@ -250,7 +300,13 @@ class MaildirStore:
             if error is e:
                 raise
             raise error from e
-        return MaildirMailbox(path, messages, lock)
+        return MaildirMailbox(path, listing, lock)
+
+    @staticmethod
+    async def _ensure(path: str) -> None:
+        """Make the Maildir's missing parts (in a thread; usually there: three stats here)."""
+        if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("cur", "new", "tmp")):
+            await deferToThread(ensure_maildir, path)
 
     # -- IMailDelivery -------------------------------------------------------
 

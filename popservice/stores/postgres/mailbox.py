@@ -91,7 +91,7 @@ class PostgresMailbox:
         self.infos = [info for _, info in messages]
         self.lease = lease
 
-    def listing(self) -> "defer.Deferred[list[MessageInfo]]":
+    def listing(self) -> "defer.Deferred[Sequence[MessageInfo]]":
         return defer.succeed(list(self.infos))
 
     def open(self, index: int) -> "defer.Deferred[IMessageStream]":
