@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -490,6 +491,34 @@ class LineWriterTests(unittest.TestCase):
         self.assertTrue(all(w.endswith(b"\n") for w in writes))
         self.assertEqual([w for w in writes if len(w) > PIPE_BUF], [b"y" * 5000 + b"\n"])
         self.assertLess(len(writes), 20)
+
+    def test_logging_while_writing_does_not_wait_for_itself(self) -> None:
+        """
+        A signal handler that logs while the writer's thread is inside a write (twistd's
+        SIGTERM handler, during a write to a slow pipe) neither deadlocks nor cuts a line:
+        its line follows, whole (a worker hung for good on this in a CI dry run).
+        """
+        writes: list[bytes] = []
+
+        class Stopped:
+            running = False
+
+        def write(fd: int, data: bytes) -> int:
+            if not writes:  # the "signal" arrives during the first write
+                writer.write("Received SIGTERM, shutting down.\n")
+                writer.flush()
+            writes.append(bytes(data))
+            return len(data)
+
+        writer = LineWriter(7, Stopped(), write)
+        writer.write("first\n")
+        writer.write("second\n")
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (writer.drain(), done.set()), daemon=True)
+        thread.start()
+        self.assertTrue(done.wait(10), "the writer waited for itself")
+        self.assertEqual(b"".join(writes), b"first\nsecond\nReceived SIGTERM, shutting down.\n")
+        self.assertTrue(all(w.endswith(b"\n") for w in writes))
 
     def test_a_turn_of_the_reactor_is_one_write(self) -> None:
         """Within a turn of the running reactor, lines wait for its end; then one write."""

@@ -30,6 +30,7 @@ import json
 import os
 import select
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -159,14 +160,17 @@ class LineWriter:
         self.fd = fd
         self._write = write
         self.reactor: Any = reactor
-        self._lines: list[bytes] = []
+        #: lines not written yet (a deque: appending and taking need no lock, so a signal
+        #: handler that logs while this thread is writing never waits for itself)
+        self._lines: deque[bytes] = deque()
         self._pending = False
         self._lock = threading.Lock()
+        #: the thread writing now (a drain it starts again, from a signal handler, returns)
+        self._writer: int | None = None
         atexit.register(self.drain)
 
     def write(self, text: str) -> None:
-        with self._lock:
-            self._lines.append(text.encode("utf-8", "replace"))
+        self._lines.append(text.encode("utf-8", "replace"))
 
     def flush(self) -> None:
         if self.reactor.running and threadable.isInIOThread():
@@ -177,21 +181,33 @@ class LineWriter:
             self.drain()
 
     def drain(self) -> None:
-        """Write what was written so far."""
+        """
+        Write what was written so far.  A drain started again by this thread while it
+        writes (a signal handler logging, twistd's "Received SIGTERM") returns at once:
+        its lines are taken by the drain under way, at a line's end.
+        """
+        me = threading.get_ident()
+        if self._writer == me:
+            return
         with self._lock:
+            self._writer = me
             self._pending = False
-            lines, self._lines = self._lines, []
-            chunk = b""
+            lines = self._lines
             try:
-                for line in lines:
-                    if chunk and len(chunk) + len(line) > PIPE_BUF:
+                while lines:  # (again: lines a signal handler added during the last write)
+                    chunk = b""
+                    while lines:
+                        line = lines.popleft()
+                        if chunk and len(chunk) + len(line) > PIPE_BUF:
+                            _write_all(self.fd, chunk, self._write)
+                            chunk = b""
+                        chunk += line
+                    if chunk:
                         _write_all(self.fd, chunk, self._write)
-                        chunk = b""
-                    chunk += line
-                if chunk:
-                    _write_all(self.fd, chunk, self._write)
             except OSError:  # the destination is gone (the parent, a closed pipe): nothing to tell
-                pass
+                lines.clear()
+            finally:
+                self._writer = None
 
 
 @implementer(ILogObserver)
