@@ -36,8 +36,15 @@ from twisted.trial import unittest
 
 from popservice import tap
 from popservice.server.logformat import event_as_json
-from popservice.server.worker import RECORD_SEPARATOR, connection_share, event_record
-from popservice.server.workerlog import PIPE_BUF, LineWriter, route, worker_log_observer
+from popservice.server.worker import connection_share
+from popservice.server.workerlog import (
+    PIPE_BUF,
+    RECORD_SEPARATOR,
+    LineWriter,
+    event_record,
+    route,
+    worker_log_observer,
+)
 from popservice.server.workers import WorkerProcess, relay_line
 from tests.interop.world import RawPOP, World, client_context, free_port, simple_messages
 from tests.test_privileges import _free_low_port, make_maildir

@@ -7,8 +7,8 @@ its parent): what makes a C{twistd pop3} process a worker.
     PROXY header reader, C{ssl:} and C{--listen-tls} TLS reloaded on SIGHUP);
   - L{connection_share}: its part of C{--max-connections} and
     C{--max-connections-per-ip};
-  - L{worker_log_observer}: its log (L{popservice.server.workerlog}): its
-    lines written where the parent's go, or records the parent publishes;
+  - its log is L{popservice.server.workerlog}'s (its lines written where
+    the parent's go, or records the parent publishes);
   - L{ParentWatch}: it stops gracefully when its parent is gone.
 """
 
@@ -27,10 +27,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from popservice.server.workerlog import RECORD_SEPARATOR, event_record, record_event, worker_log_observer
-
-__all__ = ["RECORD_SEPARATOR", "AdoptingReactor", "ParentWatch", "adopted_description", "connection_share",
-           "event_record", "record_event", "worker_fds", "worker_log_observer"]
+__all__ = ["AdoptingReactor", "ParentWatch", "adopted_description", "connection_share", "worker_fds"]
 
 log = Logger(namespace="popservice.workers")
 
