@@ -42,7 +42,7 @@ import socket
 import sys
 from typing import Any
 
-from popservice.server.transport import set_write_buffer
+from popservice.server.transport import real_socket, set_write_buffer, tls_write_gatherer
 
 #: Linux: octets in a TCP socket's send queue not yet sent (linux/sockios.h)
 SIOCOUTQNSD = 0x894B
@@ -56,42 +56,6 @@ GROW_AFTER = 4
 UNSENT_LIMIT = 128 * 1024
 #: Linux's TCP_NOTSENT_LOWAT (linux/tcp.h), where the socket module does not name it
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-
-
-def real_socket(transport: Any) -> socket.socket | None:
-    """The socket under a transport and any TLS wrappers over it (None: none, or not a socket)."""
-    while transport is not None:
-        # A TCP transport after STLS answers getHandle() with its TLS connection: its socket first.
-        sock = getattr(transport, "socket", None)
-        if isinstance(sock, socket.socket):
-            return sock
-        get_handle = getattr(transport, "getHandle", None)
-        if get_handle is not None:
-            try:
-                handle = get_handle()
-            except Exception:
-                handle = None
-            if isinstance(handle, socket.socket):
-                return handle
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-def tls_write_gatherer(transport: Any) -> Any:
-    """
-    Twisted's gatherer of small TLS writes over this connection (its
-    C{flush()} encrypts and sends what it holds), or None: not TLS, or a
-    Twisted without it.  Private to Twisted, hence looked up with care.
-    """
-    # Down the layers (a handshake-timeout or PROXY wrapper may sit above implicit TLS); after
-    # STLS the TLS protocol is the TCP transport's protocol.
-    while transport is not None:
-        for candidate in (transport, getattr(transport, "protocol", None)):
-            gatherer = getattr(candidate, "_aggregator", None)
-            if gatherer is not None and callable(getattr(gatherer, "flush", None)):
-                return gatherer
-        transport = getattr(transport, "transport", None)
-    return None
 
 
 def limit_unsent(sock: socket.socket, limit: int) -> None:

@@ -1,8 +1,8 @@
 """
 Plumbing on the transport under a connection, whatever wraps it (TLS, the
-PROXY protocol, or Twisted's STLS switch): TCP_NODELAY on the real socket, the
-peer's TLS certificate, the size of the write buffer that pauses the
-connection.
+PROXY protocol, or Twisted's STLS switch): the real socket and TCP_NODELAY on
+it, TLS's gatherer of small writes, the peer's TLS certificate, the size of
+the write buffer that pauses the connection.
 """
 
 from __future__ import annotations
@@ -14,29 +14,53 @@ from typing import Any
 _MISSING = object()
 
 
+def real_socket(transport: Any) -> socket.socket | None:
+    """The socket under a transport and any TLS wrappers over it (None: none, or not a socket)."""
+    while transport is not None:
+        # A TCP transport after STLS answers getHandle() with its TLS connection: its socket first.
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+        get_handle = getattr(transport, "getHandle", None)
+        if get_handle is not None:
+            try:
+                handle = get_handle()
+            except Exception:
+                handle = None
+            if isinstance(handle, socket.socket):
+                return handle
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def tls_write_gatherer(transport: Any) -> Any:
+    """
+    Twisted's gatherer of small TLS writes over this connection (its
+    C{flush()} encrypts and sends what it holds), or None: not TLS, or a
+    Twisted without it.  Private to Twisted, hence looked up with care.
+    """
+    # Down the layers (a handshake-timeout or PROXY wrapper may sit above implicit TLS); after
+    # STLS the TLS protocol is the TCP transport's protocol.
+    while transport is not None:
+        for candidate in (transport, getattr(transport, "protocol", None)):
+            gatherer = getattr(candidate, "_aggregator", None)
+            if gatherer is not None and callable(getattr(gatherer, "flush", None)):
+                return gatherer
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 def set_nodelay(transport: Any) -> None:
     """
     TCP_NODELAY on the real socket, under any TLS wrapper: without it the
     last line of each response waits for the peer's delayed ACK (~40 ms).
     """
-    while transport is not None:
-        setter = getattr(transport, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except (OSError, AttributeError):
-                pass
-            return
-        get_handle = getattr(transport, "getHandle", None)
-        if get_handle is not None:
-            handle = get_handle()
-            if isinstance(handle, socket.socket):
-                try:
-                    handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-                return
-        transport = getattr(transport, "transport", None)
+    sock = real_socket(transport)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (a unix socket)
+            pass
 
 
 def peer_certificate(transport: Any) -> Any:
