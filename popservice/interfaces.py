@@ -97,6 +97,19 @@ class ISizedMessageStream(IMessageStream):
     chunk_size = Attribute("The most octets the next read() returns; the reader may change it.")
 
 
+class IImmediateMessageStream(IMessageStream):
+    """
+    An L{IMessageStream} whose chunks are at hand (a local file): the server
+    takes them with L{read_now}, without a Deferred per chunk.
+    """
+
+    def read_now() -> bytes:
+        """
+        The next chunk, C{b""} at the end; raises what C{read()}'s Deferred
+        would fail with.
+        """
+
+
 class IMailbox(Interface):
     """
     A mailbox as a POP3 session sees it (popservice's own avatar interface).

@@ -226,7 +226,31 @@ def _parse_number(raw: bytes, message: bool) -> int | str:
     return value
 
 
+#: command lines already parsed whose arguments are all numbers, or none (C{STAT}, C{RETR 3}):
+#: most of a session's lines; a line with words (C{USER}, C{PASS}, C{AUTH}...) is never kept
+_parsed: dict[bytes, Command] = {}
+#: at most this many kept; then the cache starts again
+PARSED_CACHE_SIZE = 512
+
+
 def parse_command(line: bytes) -> Command | CommandError:
+    """
+    Parse one command line (without its line end): L{_parse_command}, its
+    result shared between equal lines of numbers only (a L{Command} is not
+    changed by those who get it).
+    """
+    cached = _parsed.get(line)
+    if cached is not None:
+        return cached
+    command = _parse_command(line)
+    if isinstance(command, Command) and all(type(a) is int for a in command.args):
+        if len(_parsed) >= PARSED_CACHE_SIZE:
+            _parsed.clear()
+        _parsed[line] = command
+    return command
+
+
+def _parse_command(line: bytes) -> Command | CommandError:
     """
     Parse one command line (without its line end).  RFC 1939 section 3:
     keyword of 3-4 letters, case-insensitive, arguments separated by single

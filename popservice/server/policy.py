@@ -5,6 +5,7 @@ passwords are acceptable, how long to delay after a failed login, when to give u
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,19 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 def parse_networks(text: str) -> list[Network]:
     """Parse C{"10.0.0.0/8, ::1/128"} into networks (ValueError on junk)."""
     return [ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_address(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, bool]:
+    """A peer's address (an IPv4-mapped one as IPv4; None: not an address), and whether loopback."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None, False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return address, address.is_loopback
 
 
 @dataclass
@@ -51,14 +65,10 @@ class Policy:
         if host is None:
             # UNIX sockets and other non-IP transports are local.
             return True
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
+        address, loopback = _peer_address(host)
+        if address is None:
             return False
-        mapped = getattr(address, "ipv4_mapped", None)
-        if mapped is not None:
-            address = mapped
-        if address.is_loopback and self.trust_loopback:
+        if loopback and self.trust_loopback:
             return True
         return any(address in net for net in self.trusted_networks)
 

@@ -44,7 +44,7 @@ from popservice.server.timeouts import SessionTimers
 from popservice.server.trace import SessionTrace
 from popservice.server.transaction import Transaction, open_session
 from popservice.server.transfer import MessageTransfer
-from popservice.server.transport import peer_certificate, set_nodelay, set_write_buffer
+from popservice.server.transport import peer_certificate, set_nodelay, set_write_buffer, write_through
 from popservice.states import State, legal
 
 _LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS"})
@@ -160,6 +160,8 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         self.session_id = new_session_id()
         self._events = getattr(self.factory.observer, "events", None)
         set_nodelay(transport)
+        # answers leave at once, not a reactor turn later
+        write_through(transport)
         # A peer that does not read holds at most this much in our write buffer.
         set_write_buffer(transport, self.factory.config.write_buffer)
         config_rate = self.factory.config.commands_per_second
@@ -510,7 +512,8 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         if isinstance(command, wire.CommandError):
             self.bad_command(wire.err(command.reason.capitalize()))
             return
-        if not legal(self.state, command.keyword):
+        spec = command.spec  # the table's entry: its states say where it is legal (states.legal)
+        if not (self.state in spec.states if spec is not None else legal(self.state, command.keyword)):
             if self.state is State.TRANSACTION and command.keyword in _LOGIN_COMMANDS:
                 self.bad_command(wire.err("Already logged in"))
             else:

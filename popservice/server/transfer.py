@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popservice import wire
-from popservice.interfaces import IMessageStream, ISizedMessageStream, MessageGone
+from popservice.interfaces import IImmediateMessageStream, IMessageStream, ISizedMessageStream, MessageGone
 from popservice.server.pacing import SMALL_CHUNK, BodyPacer
 from popservice.server.quirks import OE_NS_EOH, OUTLOOK_NO_NULS, HeaderEnd
 from popservice.server.session import MailboxSession
@@ -52,14 +52,23 @@ class MessageTransfer:
         self.no_nuls = OUTLOOK_NO_NULS in quirks
         #: --client-quirks oe-ns-eoh: a TOP that never left the header gets the empty line ending it
         self.header_end = HeaderEnd() if lines is not None and OE_NS_EOH in quirks else None
+        #: the store's chunks are at hand: read without a Deferred each
+        self.immediate = IImmediateMessageStream.providedBy(stream)
 
     def pump(self) -> None:
         """Read one chunk from the store and send it; the shell calls again for the next."""
-        self.waiting = True
-        synchronous = True
         if self.pacer is not None:
             stream: Any = self.stream
             stream.chunk_size = self.pacer.chunk_size()
+        if self.immediate:
+            try:
+                chunk: Union[bytes, Failure] = self.stream.read_now()  # type: ignore[attr-defined]
+            except Exception:
+                chunk = Failure()
+            self._chunk(chunk)
+            return
+        self.waiting = True
+        synchronous = True
 
         def got(data: Union[bytes, Failure]) -> None:
             self.waiting = False

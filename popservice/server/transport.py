@@ -2,7 +2,8 @@
 Plumbing on the transport under a connection, whatever wraps it (TLS, the
 PROXY protocol, or Twisted's STLS switch): the real socket and TCP_NODELAY on
 it, TLS's gatherer of small writes, the peer's TLS certificate, the size of
-the write buffer that pauses the connection.
+the write buffer that pauses the connection, and answers written through to
+the kernel when nothing waits before them (L{write_through}).
 """
 
 from __future__ import annotations
@@ -11,7 +12,59 @@ import inspect
 import socket
 from typing import Any
 
+from twisted.internet import tcp
+
 _MISSING = object()
+
+#: writes shorter than this may go to the kernel at once (L{write_through}); body chunks
+#: (popservice.server.pacing: 16 KiB and more) take Twisted's buffered path, one per turn
+WRITE_THROUGH_LIMIT = 16 * 1024
+
+
+class WriteThroughServer(tcp.Server):
+    """
+    A TCP server connection whose short writes go to the kernel at once when
+    nothing is buffered before them.  Twisted's C{write} only buffers and
+    registers the socket for writing: the answer leaves on the reactor's next
+    turn, after two C{epoll_ctl} calls and a pass through the reactor, for
+    every answer of a POP3 session.  Anything the kernel does not take, and
+    every write while something is buffered or once the connection is
+    closing, takes Twisted's path, so the order of the bytes, the producer's
+    pausing and the error handling (a failed send reports through the
+    reactor, as before) are Twisted's.  Under STLS the TLS layer writes
+    through Twisted's own path.
+    """
+
+    def write(self, data: bytes) -> None:
+        if (not self.TLS and self.connected and not self.disconnecting and not self._writeDisconnected
+                and type(data) is bytes and 0 < len(data) < WRITE_THROUGH_LIMIT
+                and not self._tempDataLen and self.offset == len(self.dataBuffer)):
+            sent = self.writeSomeData(data)
+            if type(sent) is int:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        tcp.Server.write(self, data)
+
+
+def write_through(transport: Any) -> bool:
+    """
+    Make the TCP connection under C{transport} (and any TLS or PROXY wrapper)
+    a L{WriteThroughServer}; False if it is not a plain Twisted TCP server
+    connection (then nothing changes).
+    """
+    while transport is not None:
+        if type(transport) is tcp.Server:
+            port = getattr(transport, "server", None)
+            if type(port) is tcp.Port and port.transport is tcp.Server:
+                # the port's next connections are born so (a class change costs each one a dict)
+                port.transport = WriteThroughServer
+            transport.__class__ = WriteThroughServer
+            return True
+        if isinstance(transport, tcp.Server):
+            return isinstance(transport, WriteThroughServer)
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 def real_socket(transport: Any) -> socket.socket | None:
@@ -83,6 +136,21 @@ def _owns(obj: Any, name: str) -> bool:
     return inspect.getattr_static(obj, name, _MISSING) is not _MISSING
 
 
+#: transport class -> whether its instances hold their own write buffer (L{write_buffer_owner})
+_BUFFER_OWNERS: dict[type, bool] = {}
+
+
+def _owns_buffer(transport: Any) -> bool:
+    cls = type(transport)
+    owns = _BUFFER_OWNERS.get(cls)
+    if owns is None:
+        # by class: the walk is on every connection's path, getattr_static is slow
+        owns = _owns(transport, "bufferSize") and _owns(transport, "dataBuffer")
+        if len(_BUFFER_OWNERS) < 64:
+            _BUFFER_OWNERS[cls] = owns
+    return owns
+
+
 def write_buffer_owner(transport: Any) -> Any:
     """
     The transport whose buffer holds what a connection writes (a Twisted
@@ -90,7 +158,7 @@ def write_buffer_owner(transport: Any) -> Any:
     own), under any wrapper; None if there is none.
     """
     while transport is not None:
-        if _owns(transport, "bufferSize") and _owns(transport, "dataBuffer"):
+        if _owns_buffer(transport):
             return transport
         transport = getattr(transport, "transport", None)
     return None
@@ -106,5 +174,5 @@ def set_write_buffer(transport: Any, size: int) -> None:
     if size <= 0:
         return
     owner = write_buffer_owner(transport)
-    if owner is not None:
+    if owner is not None and owner.bufferSize != size:
         owner.bufferSize = size

@@ -86,10 +86,22 @@ os.register_at_fork(after_in_child=this_process.renew)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
 
+#: this process's part of its records: (pid, token, control) and the record's text up to the user
+_record_head: tuple[tuple[int, str, str | None], bytes] | None = None
+
+
 def encode_record(holder: LockHolder, since: float) -> bytes:
     """The lock file's content while C{holder} holds it (taken at C{since}, a Unix time)."""
-    return _ENCODER.encode({"v": 1, "pid": holder.pid, "token": holder.token, "control": holder.control,
-                            "user": holder.user, "since": round(since, 3)}).encode("ascii") + b"\n"
+    global _record_head
+    key = (holder.pid, holder.token, holder.control)
+    cached = _record_head
+    if cached is None or cached[0] != key:
+        head = _ENCODER.encode({"v": 1, "pid": holder.pid, "token": holder.token,
+                                "control": holder.control}).encode("ascii")[:-1] + b',"user":'
+        cached = _record_head = (key, head)
+    user = b"null" if holder.user is None else _ENCODER.encode(holder.user).encode("ascii")
+    # (JSON writes a float as repr() does)
+    return b"%s%s,\"since\":%s}\n" % (cached[1], user, repr(round(since, 3)).encode("ascii"))
 
 
 def decode_record(data: bytes) -> LockHolder | None:

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from popservice.interfaces import (
     IExpiringMailbox,
+    IImmediateMessageStream,
     IMailboxLock,
     IMessageStream,
     ISizedMessageStream,
@@ -61,37 +62,47 @@ _READ_FLAGS = os.O_RDONLY | _NOFOLLOW | _CLOEXEC
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW | _CLOEXEC
 
 
-@implementer(ISizedMessageStream)
+@implementer(ISizedMessageStream, IImmediateMessageStream)
 class MaildirMessageStream:
     """
     A message file (an open file descriptor, owned by the stream) read in
     chunks of L{CHUNK_SIZE} (or what the reader sets C{chunk_size} to), with
     C{os.read}: no file object and no buffer per open message; closed at
-    the end.
+    the end.  For a regular file (C{regular}: the mailbox checked) a read
+    shorter than asked is the end: the file is closed then, without the
+    read that would return nothing.
     """
 
-    __slots__ = ("_fd", "chunk_size")
+    __slots__ = ("_fd", "chunk_size", "_regular")
 
-    def __init__(self, file: int | BinaryIO, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, file: int | BinaryIO, chunk_size: int = CHUNK_SIZE, regular: bool = False) -> None:
         if not isinstance(file, int):  # a file object: the stream takes its descriptor over
             with file:
                 file = os.dup(file.fileno())
         self._fd: int | None = file
         self.chunk_size = chunk_size
+        self._regular = regular
 
-    def read(self) -> "defer.Deferred[bytes]":
+    def read_now(self) -> bytes:
         fd = self._fd
         if fd is None:
-            return defer.succeed(b"")
+            return b""
+        size = self.chunk_size
         try:
-            chunk = os.read(fd, self.chunk_size)
+            chunk = os.read(fd, size)
         except OSError as e:
             self.close()
             log.warn("error reading a message file: {error}", error=e)
-            return defer.fail(MailboxUnavailable("error reading message"))
-        if not chunk:
+            raise MailboxUnavailable("error reading message") from e
+        if not chunk or (self._regular and len(chunk) < size):
             self.close()
-        return defer.succeed(chunk)
+        return chunk
+
+    def read(self) -> "defer.Deferred[bytes]":
+        try:
+            return defer.succeed(self.read_now())
+        except MailboxUnavailable as e:
+            return defer.fail(e)
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -194,7 +205,7 @@ class MaildirMailbox:
             return defer.fail(e)
         except OSError as e:
             return defer.fail(_translate(e, "opening a message"))
-        return defer.succeed(MaildirMessageStream(fd))
+        return defer.succeed(MaildirMessageStream(fd, regular=True))
 
     def _delete_sync(self, indices: list[int]) -> list[int]:
         failed: list[int] = []

@@ -1,0 +1,274 @@
+"""
+The per-session fast paths (issue 10), each against what it replaces:
+
+  - answers written through to the kernel (popservice.server.transport's
+    WriteThroughServer): a short answer is in the peer's socket as soon as
+    C{write} returns, with no writer registered with the reactor; a write
+    the kernel takes only in part, and every write while something waits,
+    keep Twisted's order; the listening port makes its next connections
+    write-through from the start;
+  - parsed command lines shared between equal lines of numbers only (never a
+    line with a password or a user name in it), the cache bounded;
+  - Maildir message streams read without a Deferred per chunk, and a short
+    read of a regular file taken for its end (no read that returns nothing);
+    a pipe read in short pieces is still read to its end;
+  - the lock file's holder record built from a per-process head: the same
+    bytes as JSON, and a new token or control socket seen at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from popservice import wire
+from popservice.interfaces import IImmediateMessageStream, LockHolder, MailboxUnavailable
+from popservice.server import transport as transport_module
+from popservice.server.transport import WRITE_THROUGH_LIMIT, WriteThroughServer, write_through
+from popservice.stores.lock import decode_record, encode_record
+from popservice.stores.maildir import MaildirStore
+from popservice.stores.maildir.mailbox import MaildirMessageStream
+from tests.support import ServerMixin, make_factory, memory_checker
+
+
+class _Keep(protocol.Protocol):
+    """Server side of a test connection: keeps its transport for the test."""
+
+    def connectionMade(self) -> None:
+        self.factory.made.callback(self)  # type: ignore[attr-defined]
+
+
+class WriteThroughTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def pair(self) -> Any:
+        """A Twisted TCP server connection (made write-through) and a blocking client socket."""
+        factory = protocol.ServerFactory()
+        factory.protocol = _Keep
+        factory.made = defer.Deferred()  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        server = yield factory.made
+        self.addCleanup(server.transport.abortConnection)
+        self.assertIs(type(server.transport), tcp.Server)
+        self.assertTrue(write_through(server.transport))
+        return port, server.transport, client
+
+    @defer.inlineCallbacks
+    def test_short_write_is_in_the_peer_socket_when_write_returns(self) -> Any:
+        port, transport, client = yield self.pair()
+        self.assertIsInstance(transport, WriteThroughServer)
+        transport.write(b"+OK hello\r\n")
+        # No reactor turn in between: the bytes left in write() itself, and nothing waits for
+        # the socket to become writable.
+        client.setblocking(False)
+        self.assertEqual(client.recv(100), b"+OK hello\r\n")
+        self.assertNotIn(transport, reactor.getWriters())  # type: ignore[attr-defined]
+        self.assertEqual(transport._tempDataLen, 0)
+        # The port's next connections are born write-through.
+        self.assertIs(port.transport, WriteThroughServer)
+
+    @defer.inlineCallbacks
+    def test_later_connections_of_the_port_are_write_through_from_the_start(self) -> Any:
+        port, _, _ = yield self.pair()
+        made: defer.Deferred[Any] = defer.Deferred()
+        port.factory.made = made
+        other = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(other.close)
+        server = yield made
+        self.addCleanup(server.transport.abortConnection)
+        self.assertIs(type(server.transport), WriteThroughServer)
+
+    @defer.inlineCallbacks
+    def test_writes_keep_their_order_when_the_kernel_takes_part(self) -> Any:
+        _, transport, client = yield self.pair()
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (not below the loopback MSS: a tiny window is reopened by the sender's slow persist timer)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 131072)
+        pieces = [bytes([65 + i % 26]) * (WRITE_THROUGH_LIMIT - 1 - i) for i in range(48)]
+        pieces += [b"x" * (WRITE_THROUGH_LIMIT * 2), b"tail\r\n"]  # one long write (Twisted's path)
+        for piece in pieces:
+            transport.write(piece)
+        # The kernel's buffers are full long before the end: the rest waits in Twisted's buffer.
+        self.assertGreater(transport._tempDataLen + len(transport.dataBuffer), 0)
+        self.assertIn(transport, reactor.getWriters())  # type: ignore[attr-defined]
+        # The kernel has room again (the peer read some) but the reactor has not written the
+        # buffer yet: a short write now must wait behind what is buffered, not jump ahead of it.
+        received = bytearray()
+        client.setblocking(False)
+        idle = 0
+        while idle < 3:  # what the kernel holds for the peer, until it has nothing more to give
+            try:
+                received += client.recv(65536)
+                idle = 0
+            except BlockingIOError:
+                idle += 1
+                time.sleep(0.01)
+        self.assertTrue(received)
+        transport.write(b"late\r\n")
+        expected = b"".join(pieces) + b"late\r\n"
+        client.setblocking(False)
+        while len(received) < len(expected):
+            try:
+                chunk = client.recv(65536)
+            except BlockingIOError:
+                yield deferLater(reactor, 0, lambda: None)
+                continue
+            self.assertTrue(chunk)
+            received += chunk
+        self.assertEqual(bytes(received), expected)
+
+    @defer.inlineCallbacks
+    def test_a_closing_connection_takes_twisteds_path(self) -> Any:
+        _, transport, client = yield self.pair()
+        transport.loseConnection()
+        transport.write(b"+OK bye\r\n")  # after loseConnection: buffered, sent before the close
+        self.assertEqual(transport._tempDataLen, len(b"+OK bye\r\n"))
+        client.settimeout(5)
+        data = b""
+        while True:
+            yield deferLater(reactor, 0.001, lambda: None)
+            try:
+                chunk = client.recv(100, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            data += chunk
+        self.assertEqual(data, b"+OK bye\r\n")
+
+    def test_nothing_but_twisteds_tcp_server_is_changed(self) -> None:
+        class Other:
+            transport = None
+
+        self.assertFalse(write_through(Other()))
+        self.assertFalse(write_through(None))
+
+    def test_limit_is_below_a_body_chunk(self) -> None:
+        # Body chunks (16 KiB and more) take the buffered path: one per reactor turn, so a fast
+        # reader's big message cannot hold the reactor for its whole length.
+        from popservice.server.pacing import SMALL_CHUNK
+        self.assertLessEqual(transport_module.WRITE_THROUGH_LIMIT, SMALL_CHUNK)
+
+
+class WriteThroughSessionTests(ServerMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_server_connections_write_through(self) -> Any:
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "alice", "new"))
+        with open(os.path.join(root, "alice", "new", "1.m.host"), "wb") as f:
+            f.write(b"Subject: x\n\n.dot\nbody\n")
+        self.listen(make_factory(MaildirStore(os.path.join(root, "%u")), [memory_checker(alice="secret")]))
+        client = yield self.login()
+        [connection] = list(self.factory.connections)
+        self.assertIsInstance(connection.transport, WriteThroughServer)
+        first, body = yield client.command_multi(b"RETR 1")
+        self.assertEqual(first, b"+OK 26 octets")
+        self.assertEqual(body, b"Subject: x\r\n\r\n..dot\r\nbody\r\n")
+
+
+class ParseCacheTests(unittest.TestCase):
+    def setUp(self) -> None:
+        wire._parsed.clear()
+        self.addCleanup(wire._parsed.clear)
+
+    def test_lines_of_numbers_are_shared(self) -> None:
+        for line in (b"STAT", b"RETR 7", b"TOP 1 10", b"list"):
+            first = wire.parse_command(line)
+            self.assertIs(wire.parse_command(line), first)
+            self.assertIn(line, wire._parsed)
+
+    def test_lines_with_words_are_never_kept(self) -> None:
+        for line in (b"USER alice", b"PASS s3cret", b"APOP alice 0123456789abcdef0123456789abcdef",
+                     b"AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"LANG en"):
+            command = wire.parse_command(line)
+            self.assertIsInstance(command, wire.Command)
+            self.assertNotIn(line, wire._parsed)
+        self.assertEqual(wire._parsed, {})
+
+    def test_errors_are_never_kept(self) -> None:
+        for line in (b"RETR 0", b"RETR x", b"XYZZY", b"RETR 1 2"):
+            self.assertIsInstance(wire.parse_command(line), wire.CommandError)
+        self.assertEqual(wire._parsed, {})
+
+    def test_bounded(self) -> None:
+        for n in range(1, wire.PARSED_CACHE_SIZE * 3):
+            self.assertEqual(wire.parse_command(b"DELE %d" % n), wire.Command("DELE", (n,)))
+            self.assertLessEqual(len(wire._parsed), wire.PARSED_CACHE_SIZE)
+
+
+class ImmediateStreamTests(unittest.TestCase):
+    def file(self, content: bytes) -> int:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return os.open(path, os.O_RDONLY)
+
+    def test_short_read_of_a_regular_file_is_its_end(self) -> None:
+        fd = self.file(b"x" * 100)
+        stream = MaildirMessageStream(fd, chunk_size=64, regular=True)
+        self.assertTrue(IImmediateMessageStream.providedBy(stream))
+        self.assertEqual(stream.read_now(), b"x" * 64)
+        os.fstat(fd)  # still open
+        self.assertEqual(stream.read_now(), b"x" * 36)
+        self.assertRaises(OSError, os.fstat, fd)  # closed with the short read: no empty read needed
+        self.assertEqual(stream.read_now(), b"")
+
+    def test_a_file_of_exactly_one_chunk(self) -> None:
+        stream = MaildirMessageStream(self.file(b"y" * 64), chunk_size=64, regular=True)
+        self.assertEqual(stream.read_now(), b"y" * 64)
+        self.assertEqual(stream.read_now(), b"")
+        self.assertEqual(stream.read_now(), b"")
+
+    def test_a_pipe_is_read_to_its_end_through_short_reads(self) -> None:
+        r, w = os.pipe()
+        stream = MaildirMessageStream(r, chunk_size=64)
+        os.write(w, b"a" * 10)
+        self.assertEqual(stream.read_now(), b"a" * 10)  # short, but not the end
+        os.write(w, b"b" * 5)
+        os.close(w)
+        self.assertEqual(stream.read_now(), b"b" * 5)
+        self.assertEqual(stream.read_now(), b"")
+
+    def test_read_gives_the_same_through_a_deferred(self) -> None:
+        stream = MaildirMessageStream(self.file(b"z" * 70), chunk_size=64, regular=True)
+        got: list[bytes] = []
+        for _ in range(3):
+            stream.read().addCallback(got.append)
+        self.assertEqual(got, [b"z" * 64, b"z" * 6, b""])
+
+    def test_errors(self) -> None:
+        stream = MaildirMessageStream(os.open(os.path.dirname(os.path.abspath(self.mktemp())) or ".",
+                                              os.O_RDONLY), regular=True)
+        self.assertRaises(MailboxUnavailable, stream.read_now)
+        self.assertEqual(stream.read_now(), b"")  # closed after the error
+        failing = MaildirMessageStream(os.open(os.path.abspath("."), os.O_RDONLY))
+        self.failureResultOf(failing.read(), MailboxUnavailable)
+
+
+class LockRecordTests(unittest.TestCase):
+    def test_same_as_json(self) -> None:
+        for holder in (LockHolder(pid=12, token="ab12", control=None, user=None),
+                       LockHolder(pid=12, token="ab12", control="/run/c.sock", user="al\u00efce\"x"),
+                       LockHolder(pid=13, token="cd34", control=None, user="bob")):
+            record = encode_record(holder, 1764590000.12345)
+            self.assertTrue(record.endswith(b"}\n"))
+            self.assertEqual(json.loads(record), {"v": 1, "pid": holder.pid, "token": holder.token,
+                                                  "control": holder.control, "user": holder.user,
+                                                  "since": 1764590000.123})
+            self.assertEqual(decode_record(record), holder)
+
+    def test_a_new_token_is_seen_at_once(self) -> None:
+        one = encode_record(LockHolder(pid=12, token="aa", control=None, user="u"), 1.0)
+        two = encode_record(LockHolder(pid=12, token="bb", control="/c", user="u"), 1.0)
+        self.assertEqual(decode_record(one), LockHolder(pid=12, token="aa", control=None, user="u"))
+        self.assertEqual(decode_record(two), LockHolder(pid=12, token="bb", control="/c", user="u"))
