@@ -146,6 +146,27 @@ class WriteThroughTests(unittest.TestCase):
             data += chunk
         self.assertEqual(data, b"+OK bye\r\n")
 
+    @defer.inlineCallbacks
+    def test_fileno_and_repr_without_per_connection_copies(self) -> Any:
+        port, _, _ = yield self.pair()
+        made: defer.Deferred[Any] = defer.Deferred()
+        port.factory.made = made
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        transport = (yield made).transport
+        self.assertIs(type(transport), WriteThroughServer)
+        # Twisted's per-connection bound method and repr string are not kept, yet answer the same
+        self.assertNotIn("fileno", vars(transport))
+        self.assertNotIn("repstr", vars(transport))
+        self.assertEqual(transport.fileno(), transport.socket.fileno())
+        self.assertEqual(repr(transport), "<_Keep #%d on %d>" % (transport.sessionno, port.getHost().port))
+        lost: defer.Deferred[Any] = defer.Deferred()
+        transport.protocol.connectionLost = lambda reason: lost.callback(None)
+        transport.loseConnection()
+        yield lost
+        self.assertEqual(transport.fileno(), -1)  # closed: as Twisted's FileDescriptor says
+        self.assertIn("#%d" % transport.sessionno, repr(transport))
+
     def test_nothing_but_twisteds_tcp_server_is_changed(self) -> None:
         class Other:
             transport = None
@@ -272,3 +293,17 @@ class LockRecordTests(unittest.TestCase):
         two = encode_record(LockHolder(pid=12, token="bb", control="/c", user="u"), 1.0)
         self.assertEqual(decode_record(one), LockHolder(pid=12, token="aa", control=None, user="u"))
         self.assertEqual(decode_record(two), LockHolder(pid=12, token="bb", control="/c", user="u"))
+
+
+class LockPathTests(unittest.TestCase):
+    def test_a_lock_named_in_its_directory(self) -> None:
+        from popservice.stores.lock import LOCK_FILE_NAME, FcntlMailboxLock, read_holder
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        lock = FcntlMailboxLock(directory, user="alice", name=LOCK_FILE_NAME)
+        self.assertEqual(lock.path, os.path.join(directory, LOCK_FILE_NAME))
+        lock.try_acquire()
+        self.addCleanup(lock.release_now)
+        holder = read_holder(os.path.join(directory, LOCK_FILE_NAME))
+        assert holder is not None
+        self.assertEqual(holder.user, "alice")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import inspect
 import socket
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 
 _MISSING = object()
 
@@ -34,6 +36,36 @@ class WriteThroughServer(tcp.Server):
     reactor, as before) are Twisted's.  Under STLS the TLS layer writes
     through Twisted's own path.
     """
+
+    # Twisted keeps a bound method and a repr string in each connection; here the class makes
+    # them when asked (Twisted's assignments, and its deletion of fileno, are taken and dropped).
+
+    @property
+    def fileno(self) -> Callable[[], int]:
+        # (not through __dict__: asking for it would give each connection a dict)
+        sock: socket.socket | None = getattr(self, "socket", None)
+        if sock is None:  # closed: FileDescriptor's, which says -1
+            return partial(abstract.FileDescriptor.fileno, self)
+        return sock.fileno
+
+    @fileno.setter
+    def fileno(self, value: Callable[[], int]) -> None:
+        pass
+
+    @fileno.deleter
+    def fileno(self) -> None:
+        pass
+
+    @property
+    def repstr(self) -> str:
+        server = self.server
+        return "<{} #{} on {}>".format(self.protocol.__class__.__name__ if hasattr(self, "protocol")
+                                      else None, self.sessionno,
+                                      server._realPortNumber if server is not None else None)
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        pass
 
     def write(self, data: bytes) -> None:
         if (not self.TLS and self.connected and not self.disconnecting and not self._writeDisconnected

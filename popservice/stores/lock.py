@@ -158,17 +158,27 @@ class FcntlMailboxLock:
     @param user: the name of the session the lock is for, written into the
         holder record (the holder's session registry knows the session by it).
     @param identity: whom the holder record names (default: L{this_process}).
+    @param name: if given, C{path} is the directory and this the lock file's name in it.
     """
 
-    __slots__ = ("path", "user", "identity", "_fd")
+    __slots__ = ("_path", "_name", "user", "identity", "_fd")
 
     log = Logger()
 
-    def __init__(self, path: str, user: str | None = None, identity: ProcessIdentity | None = None) -> None:
-        self.path = path
+    def __init__(self, path: str, user: str | None = None, identity: ProcessIdentity | None = None,
+                 name: str | None = None) -> None:
+        # With a name, path is the directory the lock file is in: a lock kept for a whole
+        # session then holds no string of its own (the directory's is the mailbox's).
+        self._path = path
+        self._name = name
         self.user = user
         self.identity = identity if identity is not None else this_process
         self._fd: int | None = None
+
+    @property
+    def path(self) -> str:
+        """The lock file."""
+        return self._path if self._name is None else os.path.join(self._path, self._name)
 
     @property
     def held(self) -> bool:

@@ -26,26 +26,21 @@ from popservice.interfaces import MessageInfo
 __all__ = ["Listing"]
 
 
-def _offsets(items: Sequence[str]) -> array[int]:
-    """The C{len(items) + 1} offsets that cut C{"".join(items)} again, exactly sized."""
-    return array("I", accumulate(map(len, items), initial=0))
-
-
 class Listing(Sequence[MessageInfo]):
     """
     A Maildir listing, oldest first: per message its file (its name in
     C{cur/}, else C{"new/<name>"}, see L{popservice.stores.maildir.layout._relpath}),
     its transmitted size and its UIDL.
 
-    Three objects hold it all: one string, the UIDLs then the files; the
-    offsets that cut it; the sizes.
+    Two objects hold it all: one string, the UIDLs then the files; and one
+    array of numbers, the sizes then the offsets that cut the string.
     """
 
-    __slots__ = ("_text", "_offsets", "_sizes", "_infos", "state", "path")
+    __slots__ = ("_text", "_numbers", "_infos", "state", "path")
 
     _text: str
-    _offsets: array[int]
-    _sizes: array[int]
+    #: n sizes, then the 2n + 1 offsets of the n UIDLs and n files in C{_text}
+    _numbers: array[int]
     _infos: list[MessageInfo] | None
     #: the stat stamp of cur/, new/ and the index this listing follows from (and, once a store
     #: keeps it, of the Maildir when its mail-root check passed), or C{None} (unsure)
@@ -60,9 +55,10 @@ class Listing(Sequence[MessageInfo]):
         self._text = "".join(items)
         if len(self._text) >= 1 << 32:
             raise ValueError("listing too long")
-        self._offsets = _offsets(items)
         small = not sizes or (min(sizes) >= 0 and max(sizes) < 1 << 32)
-        self._sizes = array("I" if small else "q", sizes)
+        numbers = array("I" if small else "q", sizes)
+        numbers.extend(accumulate(map(len, items), initial=0))
+        self._numbers = numbers
         self._infos = None
         self.state = None
         self.path = None
@@ -71,37 +67,49 @@ class Listing(Sequence[MessageInfo]):
         """The same messages, found under these (renamed) files."""
         if len(files) != len(self):
             raise ValueError("one file per message")
-        new = Listing(files, self._sizes, self.uids())
+        new = Listing(files, self.sizes(), self.uids())
         new._infos = self._infos
         return new
 
     def subset(self, keep: Sequence[int]) -> Listing:
         """The messages at positions C{keep}, in that order."""
-        return Listing([self.file(i) for i in keep], [self._sizes[i] for i in keep],
+        return Listing([self.file(i) for i in keep], [self.size(i) for i in keep],
                        [self.uid(i) for i in keep])
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self._numbers) // 3  # 3n + 1 numbers
+
+    def _cut(self, index: int) -> str:
+        """The UIDL (C{index} < n) or file (n <= C{index} < 2n) at position C{index} of the string."""
+        numbers = self._numbers
+        start = len(numbers) // 3 + index
+        return self._text[numbers[start]:numbers[start + 1]]
 
     def file(self, index: int) -> str:
         """Where message C{index} (0-based) was found."""
-        if not 0 <= index < len(self._sizes):
+        count = len(self._numbers) // 3
+        if not 0 <= index < count:
             raise IndexError(index)
-        offsets = self._offsets
-        index += len(self._sizes)
-        return self._text[offsets[index]:offsets[index + 1]]
+        return self._cut(count + index)
 
     def files(self) -> list[str]:
         return [self.file(i) for i in range(len(self))]
 
     def size(self, index: int) -> int:
-        return self._sizes[index]
+        count = len(self._numbers) // 3
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError(index)
+        return self._numbers[index]
+
+    def sizes(self) -> list[int]:
+        return self._numbers[:len(self._numbers) // 3].tolist()
 
     def uid(self, index: int) -> str:
-        if not 0 <= index < len(self._sizes):
+        if not 0 <= index < len(self._numbers) // 3:
             raise IndexError(index)
-        offsets = self._offsets
-        return self._text[offsets[index]:offsets[index + 1]]
+        return self._cut(index)
 
     def uids(self) -> list[str]:
         return [self.uid(i) for i in range(len(self))]
@@ -109,7 +117,7 @@ class Listing(Sequence[MessageInfo]):
     def _all(self) -> list[MessageInfo]:
         infos = self._infos
         if infos is None:
-            infos = self._infos = list(map(MessageInfo, self._sizes, self.uids()))
+            infos = self._infos = list(map(MessageInfo, self.sizes(), self.uids()))
         return infos
 
     @overload
@@ -126,7 +134,7 @@ class Listing(Sequence[MessageInfo]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Listing):
-            return list(self._sizes) == list(other._sizes) and self.uids() == other.uids()
+            return self.sizes() == other.sizes() and self.uids() == other.uids()
         if isinstance(other, (list, tuple)):
             return self._all() == list(other)
         return NotImplemented

@@ -235,7 +235,7 @@ class MaildirStore:
         if self._lock_factory is not None:
             return self._lock_factory(path)
         # The lock file records its holder (process, control socket, user) for take-over requests.
-        return FcntlMailboxLock(os.path.join(path, LOCK_FILE_NAME), user=user or None)
+        return FcntlMailboxLock(path, user=user or None, name=LOCK_FILE_NAME)
 
     def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[IMailbox]":
         """
