@@ -35,7 +35,7 @@ from popservice.server.transport import WRITE_THROUGH_LIMIT, WriteThroughServer,
 from popservice.stores.lock import decode_record, encode_record
 from popservice.stores.maildir import MaildirStore
 from popservice.stores.maildir.mailbox import MaildirMessageStream
-from tests.support import ServerMixin, make_factory, memory_checker
+from tests.support import ServerMixin, make_factory, memory_checker, record_events
 
 
 class _Keep(protocol.Protocol):
@@ -307,3 +307,23 @@ class LockPathTests(unittest.TestCase):
         holder = read_holder(os.path.join(directory, LOCK_FILE_NAME))
         assert holder is not None
         self.assertEqual(holder.user, "alice")
+
+
+class SummaryTests(ServerMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_logout_sums_sizes_without_a_messageinfo_per_message(self) -> Any:
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "alice", "new"))
+        for i, body in enumerate((b"a\n", b"bb\n", b"ccc\n")):
+            with open(os.path.join(root, "alice", "new", "%d.m.host" % i), "wb") as f:
+                f.write(body)
+        store = MaildirStore(os.path.join(root, "%u"))
+        self.listen(make_factory(store, [memory_checker(alice="secret")]))
+        events = record_events(self.factory)
+        client = yield self.login()
+        self.assertEqual((yield client.command(b"QUIT")), b"+OK Bye")
+        yield client.lost
+        [logout] = [f for name, f in events if name == "logout"]
+        self.assertEqual((logout["messages"], logout["size"]), (3, 3 + 4 + 5))
+        [listing] = store.listings._listings.values()
+        self.assertIsNone(listing._infos)  # the cached listing stays compact

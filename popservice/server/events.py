@@ -170,7 +170,11 @@ def session_summary(session: Any) -> dict[str, int]:
         return dict.fromkeys(("messages", "size", "retr", "retr_bytes", "top", "top_bytes", "deleted",
                               "deleted_bytes"), 0)
     stats = session.stats
-    return {"messages": len(session.listing), "size": sum(m.size for m in session.listing),
+    listing = session.listing
+    # a Maildir listing sums its sizes without making a MessageInfo per message
+    sizes = getattr(listing, "sizes", None)
+    size = sum(sizes()) if callable(sizes) else sum(m.size for m in listing)
+    return {"messages": len(listing), "size": size,
             "retr": stats.retr, "retr_bytes": stats.retr_bytes,
             "top": stats.top, "top_bytes": stats.top_bytes,
             "deleted": stats.deleted, "deleted_bytes": stats.deleted_bytes}
