@@ -140,3 +140,25 @@ class Runner(unittest.TestCase):
         self.assertTrue(latency["bg_cold_maildir_recooled"])
         # the table, on stderr as rows come, names every row
         self.assertIn("latency under cold bigbox", done.stderr)
+
+
+class Instructions(unittest.TestCase):
+    """bench/instructions.py: a real twistd pop3 under valgrind's callgrind, a short counted load."""
+
+    def test_instructions_per_session(self) -> None:
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            raise unittest.SkipTest("valgrind is not installed (apt-get install valgrind)")
+        root = fixture()
+        port = free_port()
+        done = bench("instructions.py", "--port", str(port), "--scenario", "sessions", "-c", "2",
+                     "-d", "2", "--warmup", "1", "--retr", "1", "--", TWISTD, "-n", "--pidfile=",
+                     "-l", os.path.abspath(self.mktemp()), "pop3", "--mail", "maildir:%s/mail/%%u" % root,
+                     "--auth", "passwd-file:%s/passwd-plain" % root, "--failure-delay", "0",
+                     "--listen", "tcp:%d:interface=127.0.0.1" % port, timeout=600)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        result = json.loads(done.stdout)
+        self.assertGreater(result["sessions"], 0, result)
+        # a session costs millions of instructions; the count is the dump's, divided by the sessions
+        self.assertGreater(result["instructions_per_session"], 100_000, result)
+        per_session = round(result["instructions"] / result["sessions"])
+        self.assertEqual(result["instructions_per_session"], per_session)
