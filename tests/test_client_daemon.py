@@ -402,6 +402,28 @@ class DaemonProcess(DaemonProcessBase):
         trials = int(os.environ.get("POPSERVICE_DAEMON_CRASH_TRIALS", "3"))
         dove = fx.bulk_messages("crash", 200, 3000)
         own = [fx.message("carol", i, b"y" * 2000 + b"\n") for i in range(1, 201)]
+        new = [os.path.join(self.tmp, "mail", u, "new") for u in ("crash", "carol")]
+
+        def complete() -> bool:
+            return len(self.mail("crash")) == len(dove) and len(self.mail("carol")) == len(own)
+
+        # Calibration: how long the fetch goes on once its first messages are seen (a fast machine
+        # fetches all 400 in a fraction of a second); the kills land within 0.8 of that.
+        self.dovecot.set_mailbox("crash", fx.USERS["crash"], dove)
+        self.own.messages["carol"] = list(own)
+        self.write({"dove": self.dovecot_account("crash", batch=16, keep=True),
+                    "own": self.own_account("carol", "carol pw", batch=16, keep=True)})
+        proc = self.start()
+        yield wait_until(lambda: any(os.path.isdir(d) and os.listdir(d) for d in new), 60,
+                         "the first messages")
+        seen = time.monotonic()
+        while not complete():
+            if time.monotonic() - seen > 120:
+                raise AssertionError("the calibration fetch did not finish")
+            yield task.deferLater(reactor, 0.002, lambda: None)
+        window = max(time.monotonic() - seen, 0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         killed_mid = 0
         for trial in range(trials):
             keep = trial % 2 == 1
@@ -414,12 +436,10 @@ class DaemonProcess(DaemonProcessBase):
             kills = 2 if trial % 3 == 2 else 1  # sometimes the restart is killed too
             for _ in range(kills):
                 proc = self.start()
-                new = [os.path.join(self.tmp, "mail", u, "new") for u in ("crash", "carol")]
-                yield wait_until(lambda: any(os.path.isdir(d) and os.listdir(d) for d in new), 60,  # noqa: B023
+                yield wait_until(lambda: any(os.path.isdir(d) and os.listdir(d) for d in new), 60,
                                  "the first messages")
-                yield task.deferLater(reactor, rnd.uniform(0.0, 0.3), lambda: None)
-                done = len(self.mail("crash")) == len(dove) and len(self.mail("carol")) == len(own)
-                killed_mid += not done
+                yield task.deferLater(reactor, rnd.uniform(0.0, 0.8 * window), lambda: None)
+                killed_mid += not complete()
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
             proc = self.start()
