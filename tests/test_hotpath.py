@@ -77,15 +77,21 @@ class WriteThroughTests(unittest.TestCase):
         self.assertIs(port.transport, WriteThroughServer)
 
     @defer.inlineCallbacks
-    def test_later_connections_of_the_port_are_write_through_from_the_start(self) -> Any:
-        port, _, _ = yield self.pair()
+    def another(self, port: Any) -> Any:
+        """The server transport of one more connection to C{port} (after L{pair})."""
         made: defer.Deferred[Any] = defer.Deferred()
         port.factory.made = made
-        other = socket.create_connection(("127.0.0.1", port.getHost().port))
-        self.addCleanup(other.close)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
         server = yield made
         self.addCleanup(server.transport.abortConnection)
-        self.assertIs(type(server.transport), WriteThroughServer)
+        return server.transport
+
+    @defer.inlineCallbacks
+    def test_later_connections_of_the_port_are_write_through_from_the_start(self) -> Any:
+        port, _, _ = yield self.pair()
+        transport = yield self.another(port)
+        self.assertIs(type(transport), WriteThroughServer)
 
     @defer.inlineCallbacks
     def test_writes_keep_their_order_when_the_kernel_takes_part(self) -> Any:
@@ -149,11 +155,7 @@ class WriteThroughTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_fileno_and_repr_without_per_connection_copies(self) -> Any:
         port, _, _ = yield self.pair()
-        made: defer.Deferred[Any] = defer.Deferred()
-        port.factory.made = made
-        client = socket.create_connection(("127.0.0.1", port.getHost().port))
-        self.addCleanup(client.close)
-        transport = (yield made).transport
+        transport = yield self.another(port)
         self.assertIs(type(transport), WriteThroughServer)
         # Twisted's per-connection bound method and repr string are not kept, yet answer the same
         self.assertNotIn("fileno", vars(transport))
