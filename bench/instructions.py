@@ -28,28 +28,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from run import wait_port  # bench/run.py (a script's own directory is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 300.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the server exited (status %s)" % proc.returncode)
-        try:
-            with socket.create_connection(("127.0.0.1", port), 1.0) as s:
-                s.settimeout(30)
-                if s.recv(100).startswith(b"+OK"):
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("the server did not answer on port %d" % port)
 
 
 def run_load(args: argparse.Namespace, duration: float) -> dict[str, object]:
@@ -104,7 +90,7 @@ def main() -> None:
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--callgrind-out-file=%s/cg.%%p" % directory,
                              *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(args.port, proc)
+        wait_port(args.port, proc, seconds=300.0)  # (valgrind starts the server slowly)
         run_load(args, args.warmup)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
         result = run_load(args, args.duration)

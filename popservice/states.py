@@ -81,7 +81,12 @@ COMMANDS: dict[str, CommandSpec] = {
 }
 
 
-def legal(state: State, keyword: str) -> bool:
-    """Whether C{keyword} may be used in C{state}."""
-    spec = COMMANDS.get(keyword)
+def legal(state: State, keyword: str, spec: CommandSpec | None = None) -> bool:
+    """
+    Whether C{keyword} may be used in C{state}.  C{spec}: its entry in the
+    table, when the caller has it already (a parsed command's), sparing the
+    lookup.
+    """
+    if spec is None:
+        spec = COMMANDS.get(keyword)
     return spec is not None and state in spec.states

@@ -512,8 +512,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         if isinstance(command, wire.CommandError):
             self.bad_command(wire.err(command.reason.capitalize()))
             return
-        spec = command.spec  # the table's entry: its states say where it is legal (states.legal)
-        if not (self.state in spec.states if spec is not None else legal(self.state, command.keyword)):
+        if not legal(self.state, command.keyword, command.spec):
             if self.state is State.TRANSACTION and command.keyword in _LOGIN_COMMANDS:
                 self.bad_command(wire.err("Already logged in"))
             else:
