@@ -127,12 +127,17 @@ class RawPeer:
 
 
 class NonReadingClient(ServerMixin, unittest.TestCase):
-    def setUp(self) -> None:
+    def mailbox(self) -> str:
+        """alice's Maildir under a new mail root (returned) with one awkward 1 MiB message."""
         if not LINUX:
             raise unittest.SkipTest("the kernel's unsent queue is read on Linux only")
         root = os.path.abspath(self.mktemp())
         self.message = awkward_message(1 << 20)
         deliver(root, "alice", self.message)
+        return root
+
+    def setUp(self) -> None:
+        root = self.mailbox()
         self.port = self.listen(make_factory(MaildirStore(os.path.join(root, "%u")),
                                              [memory_checker(alice="secret")]))
 
@@ -198,11 +203,7 @@ class NonReadingTLSClient(NonReadingClient):
     """The same over STLS and implicit TLS: the ciphertext of one small chunk is what waits."""
 
     def setUp(self) -> None:
-        if not LINUX:
-            raise unittest.SkipTest("the kernel's unsent queue is read on Linux only")
-        root = os.path.abspath(self.mktemp())
-        self.message = awkward_message(1 << 20)
-        deliver(root, "alice", self.message)
+        root = self.mailbox()
         self.cert, key = make_self_signed(os.path.join(root, "tls"))
         self.factory = make_factory(MaildirStore(os.path.join(root, "%u")), [memory_checker(alice="secret")],
                                     tls_context=load_tls_options(self.cert, key))
