@@ -44,6 +44,12 @@ class MaildirCase(unittest.TestCase):
         return sorted(name.split(":")[0] for sub in ("cur", "new")
                       for name in os.listdir(os.path.join(self.box, sub)))
 
+    def refuse_removal(self, base: str) -> None:
+        """Make the message file C{base} one the file system will not unlink (a directory now)."""
+        victim = self.path_of(base)
+        os.unlink(victim)
+        os.mkdir(victim)
+
     def path_of(self, base: str) -> str:
         for sub in ("cur", "new"):
             for name in os.listdir(os.path.join(self.box, sub)):
@@ -121,9 +127,7 @@ class Transaction(ServerMixin, MaildirCase):
         client = yield self.login()
         for n in (b"1", b"2", b"3"):
             yield client.command(b"DELE " + n)
-        victim = self.path_of("1700000001.m1.host")
-        os.unlink(victim)
-        os.mkdir(victim)
+        self.refuse_removal("1700000001.m1.host")
         self.assertEqual((yield client.command(b"QUIT")),
                          b"-ERR [SYS/TEMP] Some deleted messages were not removed")
         yield client.lost
@@ -147,9 +151,7 @@ class Transaction(ServerMixin, MaildirCase):
         for n in (b"1", b"2"):
             yield client.command_multi(b"RETR " + n)
             yield client.command(b"DELE " + n)
-        victim = self.path_of("1700000000.m0.host")
-        os.unlink(victim)
-        os.mkdir(victim)
+        self.refuse_removal("1700000000.m0.host")
         self.assertEqual((yield client.command(b"QUIT")),
                          b"-ERR [SYS/TEMP] Some deleted messages were not removed")
         yield client.lost
@@ -219,9 +221,7 @@ class Mailbox(MaildirCase):
     def test_unreadable_message_is_mailbox_unavailable(self) -> Any:
         """A message file the server cannot open (a directory now): the mailbox, not the server, fails."""
         mailbox: MaildirMailbox = yield self.open()
-        victim = self.path_of("1700000001.m1.host")
-        os.unlink(victim)
-        os.mkdir(victim)
+        self.refuse_removal("1700000001.m1.host")
         self.failureResultOf(mailbox.open(1), MailboxUnavailable)
 
     @defer.inlineCallbacks
@@ -314,9 +314,7 @@ class Mailbox(MaildirCase):
         log = RetrievalLog(self.box)
         log.record([listing[0].uid, listing[1].uid], 10 * day)
         log.record([listing[2].uid], 10 * day + 1)
-        victim = self.path_of("1700000001.m1.host")
-        os.unlink(victim)
-        os.mkdir(victim)
+        self.refuse_removal("1700000001.m1.host")
         # exactly 2 days after the first two retrievals, a second before the third's 2 days
         self.assertEqual((yield mailbox.expire(2, 12 * day)), 1)
         self.assertEqual(self.files(), ["1700000001.m1.host", "1700000002.m2.host"])
