@@ -18,16 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from popservice.interfaces import MailboxForbidden, MailboxUnavailable, MessageGone, MessageInfo
 from popservice.stores.maildir import MaildirMailbox, MaildirStore
 from popservice.stores.maildir import freshness as maildir_freshness
-from popservice.stores.maildir import store as maildir_store
 from popservice.stores.maildir.cache import WarmListings
 from popservice.stores.maildir.delivery import deliver_into
 from popservice.stores.maildir.listing import Listing
+from popservice.stores.maildir.work import maildir_pool
 from tests.support import ServerMixin, make_factory, memory_checker
 
 HOUR_NS = 3600 * 10**9
@@ -53,14 +52,15 @@ def in_another_process(code: str, *args: str) -> None:
 
 
 class Recorder:
-    """Calls to the store's thread runner, passed on to the real one."""
+    """Calls to the store's thread pool, passed on to the real one."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.run = maildir_pool.run
 
-    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Any:
         self.calls.append(getattr(f, "__name__", repr(f)))
-        return deferToThread(f, *args, **kwargs)
+        return self.run(f, *args)
 
 
 class WarmMaildirTestCase(unittest.TestCase):
@@ -73,7 +73,7 @@ class WarmMaildirTestCase(unittest.TestCase):
             self.put("cur", f"170000000{i}.m{i}.host:2,", b"message %d\n" % i)
         self.store = MaildirStore(os.path.join(self.root, "%u"))
         self.threads = Recorder()
-        self.patch(maildir_store, "deferToThread", self.threads)
+        self.patch(maildir_pool, "run", self.threads)
 
     def put(self, sub: str, name: str, content: bytes) -> None:
         with open(os.path.join(self.box, sub, name), "wb") as f:

@@ -24,6 +24,7 @@ from popservice.auth.schemes import hash_password
 from popservice.server.policy import Policy
 from popservice.stores.maildir import store as maildir_store
 from popservice.stores.maildir.store import MaildirStore
+from popservice.stores.maildir.work import MAILDIR_THREADS, maildir_pool
 from tests.support import ServerMixin, make_factory
 from tests.test_passwdfile import VECTORS
 
@@ -68,9 +69,11 @@ class Gate:
         self.started = threading.Event()
         self.open = threading.Event()
         self.threads: list[int] = []
+        self.names: list[str] = []
 
     def __call__(self, *args: Any) -> Any:
         self.threads.append(threading.get_ident())
+        self.names.append(threading.current_thread().name)
         self.started.set()
         # bounded: a scan wrongly run on the reactor thread would hold it this long, then the test fails
         self.open.wait(5)
@@ -194,6 +197,55 @@ class HashingPoolApart(MaildirWorld, unittest.TestCase):
         self.assertEqual((yield checker.requestAvatarId(UsernamePassword(b"plain", b"secret"))), "plain")
         self.assertEqual(len(ran), len(slow) + 1)
         self.assertNotIn(threading.get_ident(), ran)
+
+
+class MaildirPoolApart(MaildirWorld, unittest.TestCase):
+    """Maildir file system work runs in a bounded pool of its own, not in the reactor's."""
+
+    @defer.inlineCallbacks
+    def test_cold_login_while_reactor_pool_is_full(self) -> Any:
+        self.world(alice=30)
+        pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        for _ in range(pool.max):
+            reactor.callInThread(gate.wait, 20)  # type: ignore[attr-defined]
+        yield until(lambda: len(pool.working) == pool.max)
+        scan = Gate(maildir_store.scan_maildir)
+        scan.open.set()
+        self.patch(maildir_store, "scan_maildir", scan)
+        client = yield self.login("alice", "pw-alice")
+        self.assertTrue((yield client.command(b"STAT")).startswith(b"+OK 30 "))
+        self.assertFalse(gate.is_set())
+        self.assertEqual(len(scan.names), 1)
+        self.assertIn("popservice-maildir", scan.names[0])
+
+    @defer.inlineCallbacks
+    def test_burst_of_first_logins_holds_at_most_the_pool_size(self) -> Any:
+        users = {"u%d" % i: 3 for i in range(MAILDIR_THREADS * 3)}
+        self.world(**users)
+        scan = Gate(maildir_store.scan_maildir)
+        self.patch(maildir_store, "scan_maildir", scan)
+        clients = []
+        answers = []
+        for user in users:
+            client = yield self.connect()
+            yield client.command(b"USER " + user.encode())
+            client.send(b"PASS pw-%s\r\n" % user.encode())
+            clients.append(client)
+            answers.append(client.line())
+        yield until(lambda: maildir_pool.busy() == MAILDIR_THREADS)
+        yield pause(0.05)
+        # the rest wait in the pool's queue: no further thread was started for them
+        self.assertEqual(maildir_pool.threads(), MAILDIR_THREADS)
+        self.assertEqual(len(scan.threads), MAILDIR_THREADS)
+        self.assertFalse(any(answer.called for answer in answers))
+        scan.open.set()
+        for answer in answers:
+            self.assertTrue((yield answer).startswith(b"+OK"))
+        self.assertEqual(len(scan.threads), len(users))
+        self.assertLessEqual(len(set(scan.threads)), MAILDIR_THREADS)
+        self.assertNotIn(threading.get_ident(), scan.threads)
 
 
 class PasswdFileParsedOffReactor(unittest.TestCase):

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -36,6 +35,7 @@ from popservice.stores.maildir.layout import _CLOEXEC, _NOFOLLOW, _file_base, _f
 from popservice.stores.maildir.listing import Listing
 from popservice.stores.maildir.sizes import CHUNK_SIZE
 from popservice.stores.maildir.uidlist import INDEX_FILE_NAME, _remove_from_index
+from popservice.stores.maildir.work import maildir_pool
 from popservice.stores.retrieval import RetrievalLog
 
 __all__ = ["MaildirMailbox", "MaildirMessageStream"]
@@ -253,7 +253,7 @@ class MaildirMailbox:
 
     async def _delete(self, indices: list[int]) -> list[int]:
         try:
-            return await deferToThread(self._delete_sync, indices)
+            return await maildir_pool.run(self._delete_sync, indices)
         except Exception as e:
             raise _translate(e, f"deleting messages in {self.path}") from e
 
@@ -275,7 +275,7 @@ class MaildirMailbox:
 
     async def _expire(self, days: int, now: float) -> int:
         try:
-            return await deferToThread(self._expire_sync, days, now)
+            return await maildir_pool.run(self._expire_sync, days, now)
         except Exception as e:
             raise _translate(e, f"expiring messages in {self.path}") from e
 

@@ -35,7 +35,6 @@ import unicodedata
 from collections.abc import Callable
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -57,6 +56,7 @@ from popservice.stores.maildir.layout import ensure_maildir, outside_root
 from popservice.stores.maildir.listing import Listing
 from popservice.stores.maildir.mailbox import MaildirMailbox, _translate
 from popservice.stores.maildir.scan import scan_maildir
+from popservice.stores.maildir.work import maildir_pool
 
 __all__ = ["MaildirStore", "expected_uid", "valid_user_name"]
 
@@ -284,7 +284,7 @@ class MaildirStore:
                     # cur/ or new/ changed: they could be symbolic links now
                     self._check_root(user, home, path)
                     await self._ensure(path)
-                listing = await deferToThread(scan_maildir, path, self.uidl_format)
+                listing = await maildir_pool.run(scan_maildir, path, self.uidl_format)
                 # with the identity the root check (this one or the last) passed, for the next login
                 state = listing.state
                 listing.state = None if state is None or ident is None else stamp(ident[0], state)
@@ -306,7 +306,7 @@ class MaildirStore:
     async def _ensure(path: str) -> None:
         """Make the Maildir's missing parts (in a thread; usually there: three stats here)."""
         if not all(os.path.isdir(os.path.join(path, sub)) for sub in ("cur", "new", "tmp")):
-            await deferToThread(ensure_maildir, path)
+            await maildir_pool.run(ensure_maildir, path)
 
     # -- IMailDelivery -------------------------------------------------------
 
@@ -322,7 +322,7 @@ class MaildirStore:
         except MailboxUnavailable:
             return defer.succeed(False)
         home_dir = home if self.template.startswith("~") else None
-        return deferToThread(maildir_exists, path, home_dir)
+        return maildir_pool.run(maildir_exists, path, home_dir)
 
     def deliver(self, user: str, home: "str | None", message: bytes,
                 key: "str | None") -> "defer.Deferred[bool]":
@@ -339,8 +339,8 @@ class MaildirStore:
         except MailboxUnavailable as e:
             return defer.fail(e)
         if self.owner_of is None:
-            return deferToThread(deliver_into, path, message, key)
-        return deferToThread(self._deliver_owned, user, path, message, key)
+            return maildir_pool.run(deliver_into, path, message, key)
+        return maildir_pool.run(self._deliver_owned, user, path, message, key)
 
     def _deliver_owned(self, user: str, path: str, message: bytes, key: str | None) -> bool:
         if os.path.isdir(path):
