@@ -131,16 +131,48 @@ class Scheduler(unittest.TestCase):
 
 class Rate(unittest.TestCase):
     def test_token_bucket(self) -> None:
-        rate = CommandRate(10.0, 3.0, now=100.0)
+        rate = CommandRate(10.0, 3.0)
+        full = 0.0  # a new connection's bucket is full
+        self.assertEqual(rate.tokens(full, 100.0), 3.0)
         for _ in range(3):
-            self.assertEqual(rate.wait(100.0), 0.0)
-            rate.consume()
-        self.assertAlmostEqual(rate.wait(100.0), 0.1)
-        self.assertEqual(rate.wait(100.15), 0.0)
-        rate.consume()
-        self.assertGreater(rate.wait(100.15), 0.0)
-        self.assertEqual(rate.wait(200.0), 0.0)  # refilled, capped at the burst
-        self.assertEqual(rate.tokens, 3.0)
+            self.assertEqual(rate.wait(full, 100.0), 0.0)
+            full = rate.consume(full, 100.0)
+        self.assertAlmostEqual(rate.tokens(full, 100.0), 0.0)
+        self.assertAlmostEqual(rate.wait(full, 100.0), 0.1)
+        self.assertEqual(rate.wait(full, 100.15), 0.0)
+        full = rate.consume(full, 100.15)
+        self.assertGreater(rate.wait(full, 100.15), 0.0)
+        self.assertEqual(rate.wait(full, 200.0), 0.0)
+        self.assertEqual(rate.tokens(full, 200.0), 3.0)  # refilled, capped at the burst
+
+
+class RateOverSockets(ServerMixin, unittest.TestCase):
+    """The command rate, through a connection: a pipelined batch beyond the burst waits for tokens."""
+
+    @defer.inlineCallbacks
+    def test_batch_beyond_the_burst_is_paced(self) -> Any:
+        clock = task.Clock()
+        clock.advance(1000.0)
+        store = MemoryStore({"alice": [b"Subject: x\n\nbody\n"]})
+        factory = make_factory(store, [memory_checker(alice="secret")], clock=clock,
+                               commands_per_second=10.0, command_burst=5.0)
+        self.listen(factory)
+        client = yield self.login()  # USER and PASS: 3 of the 5 tokens left
+        client.send(b"NOOP\r\n" * 6)
+        for _ in range(3):
+            self.assertEqual((yield client.line()), b"+OK")
+        late = client.line()
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(late.called)  # no token until the clock moves on
+        for _ in range(3):
+            clock.advance(0.11)  # a token back (and a little: the timer is not exact in binary)
+            self.assertEqual((yield late), b"+OK")
+            late = client.line()
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(late.called)  # all six answered, nothing more
+        late.addErrback(lambda _: None)  # (fails when the connection is dropped at clean-up)
+        (server,) = list(factory.connections)
+        self.assertIs(server._rate, factory.command_rate())  # one bucket object for the server
 
 
 class Trimmer(unittest.TestCase):

@@ -19,7 +19,7 @@ from popservice.interfaces import ISessionObserver
 from popservice.sasl.base import MechanismFactory
 from popservice.server.policy import PeerTracker, Policy
 from popservice.server.realm import SessionRegistry
-from popservice.server.scheduler import FairScheduler, MemoryTrimmer
+from popservice.server.scheduler import CommandRate, FairScheduler, MemoryTrimmer
 from popservice.server.trace import Tracer
 from popservice.server.wheel import TimerWheel
 
@@ -78,6 +78,10 @@ class ServerHub(Protocol):
 
     def all_checkers(self) -> tuple[Any, ...]:
         """Every checker of the portal, chains unrolled."""
+        ...
+
+    def command_rate(self) -> CommandRate | None:
+        """The per-connection command rate of the configuration (shared), or None (no cap)."""
         ...
 
     def connection_opened(self, protocol: Any) -> None: ...

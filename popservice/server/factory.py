@@ -25,7 +25,7 @@ from popservice.server.handoff import ControlListener, HandoffClient
 from popservice.server.policy import PeerTracker
 from popservice.server.protocol import POP3ServerProtocol
 from popservice.server.realm import MailRealm, SessionRegistry
-from popservice.server.scheduler import FairScheduler, MemoryTrimmer
+from popservice.server.scheduler import CommandRate, FairScheduler, MemoryTrimmer
 from popservice.server.wheel import TimerWheel
 
 
@@ -67,6 +67,17 @@ class POP3ServerFactory(ServerFactory):
         #: this process's control socket for take-over requests from other processes (L{makeServer}'s
         #: C{runtime_dir}), listening while a port serves this factory
         self.control: ControlListener | None = None
+        self._command_rate: CommandRate | None = None
+
+    def command_rate(self) -> CommandRate | None:
+        """The configuration's command rate, one object for every connection (None: no cap)."""
+        config = self.config
+        if config.commands_per_second <= 0:
+            return None
+        rate = self._command_rate
+        if rate is None or rate.rate != config.commands_per_second or rate.burst != config.command_burst:
+            rate = self._command_rate = CommandRate(config.commands_per_second, config.command_burst)
+        return rate
 
     def startFactory(self) -> None:
         """The first listening port started: take take-over requests from other processes."""

@@ -18,7 +18,7 @@ import itertools
 import os
 import re
 import secrets
-from typing import Any
+from typing import Any, cast
 
 from scramp.utils import saslprep
 from twisted.cred.credentials import ICredentials
@@ -340,5 +340,32 @@ class Authorization:
         shell.proceed()
 
 
-__all__ = ["SASL_LINE", "Authorization", "Capabilities", "PlainCredentials", "UnauthorizedLogin",
-           "apop_timestamp", "decode_sasl"]
+class LoggedIn(Authorization):
+    """
+    What a logged-in connection keeps of its AUTHORIZATION state: the login
+    method (for the logout line) and no SASL exchange pending.  One object
+    per method, shared by every connection that logged in so (L{after_login}),
+    so an idle session holds no state of its login.  It answers no command:
+    after login the table sends every command to the TRANSACTION state.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, method: str) -> None:
+        super().__init__(cast(Shell, None), None)
+        self.method = method
+
+
+_LOGGED_IN: dict[str, LoggedIn] = {}
+
+
+def after_login(method: str) -> LoggedIn:
+    """The shared L{LoggedIn} of C{method} (methods are the server's own names: a few)."""
+    done = _LOGGED_IN.get(method)
+    if done is None:
+        done = _LOGGED_IN[method] = LoggedIn(method)
+    return done
+
+
+__all__ = ["SASL_LINE", "Authorization", "Capabilities", "LoggedIn", "PlainCredentials",
+           "UnauthorizedLogin", "after_login", "apop_timestamp", "decode_sasl"]

@@ -37,7 +37,7 @@ from popservice import wire
 from popservice.server.config import ServerHub
 from popservice.server.events import new_session_id, session_summary
 from popservice.server.i18n import localise
-from popservice.server.login import SASL_LINE, Authorization, apop_timestamp
+from popservice.server.login import SASL_LINE, Authorization, after_login, apop_timestamp
 from popservice.server.scheduler import CommandRate
 from popservice.server.session import MailboxSession
 from popservice.server.timeouts import SessionTimers
@@ -68,10 +68,10 @@ class POP3ServerProtocol(SessionTimers, Protocol):
     __slots__ = (
         "factory", "transport", "connected", "state", "login", "transaction", "user", "end_reason", "reader",
         "peer_host", "tls", "_transfer", "_waiting", "_paused", "_reading", "_running", "_closed", "_closing",
-        "_bad_commands", "_turn_call", "_scheduled", "_rate_limited", "_rate", "_out", "_out_size",
-        "_timer_slot", "_handshake_deadline", "_login_deadline", "_close_deadline", "_last_activity",
-        "_rejected", "_registered", "_connected_at", "utf8", "language", "session_id", "listener",
-        "bytes_out", "_command", "_command_at", "trace", "_events",
+        "_bad_commands", "_turn_call", "_scheduled", "_rate_limited", "_rate", "_rate_full", "_out",
+        "_out_size", "_timer_slot", "_handshake_deadline", "_login_deadline", "_close_deadline",
+        "_last_activity", "_rejected", "_registered", "_connected_at", "utf8", "language", "session_id",
+        "listener", "bytes_out", "_command", "_command_at", "trace", "_events",
     )
 
     log = Logger()
@@ -114,7 +114,9 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         #: waiting in the fair queue (or for the command rate): buffer only
         self._scheduled = False
         self._rate_limited = False
+        #: the server's command rate (shared) and when this connection's bucket is full again
         self._rate: CommandRate | None = None
+        self._rate_full = 0.0
         #: the answers of the current turn, written together when it ends (made when needed)
         self._out: list[bytes] | None = None
         self._out_size = 0
@@ -164,10 +166,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         write_through(transport)
         # A peer that does not read holds at most this much in our write buffer.
         set_write_buffer(transport, self.factory.config.write_buffer)
-        config_rate = self.factory.config.commands_per_second
-        if config_rate > 0:
-            self._rate = CommandRate(config_rate, self.factory.config.command_burst,
-                                     self.factory.clock.seconds())
+        self._rate = self.factory.command_rate()
         peer = transport.getPeer()
         self.peer_host = getattr(peer, "host", None)
         self.tls = ISSLTransport.providedBy(transport)
@@ -303,7 +302,9 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         self.user = name
         self.state = State.TRANSACTION
         self.reader.max_length = wire.MAX_COMMAND_LINE
-        self.login.timestamp = None  # APOP's, no longer needed
+        # of the AUTHORIZATION state only the login method is kept, in an object shared by
+        # every connection that logged in so (the APOP timestamp and the rest are let go)
+        self.login = after_login(self.login.method)
         self.factory.registry.register(name, self)
         self._registered = True
         self._stop_login_timer()
@@ -419,7 +420,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
                         self.factory.scheduler.enqueue(self)
                     break
                 if self._rate is not None and self.reader.buffered:
-                    wait = self._rate.wait(self.factory.clock.seconds())
+                    wait = self._rate.wait(self._rate_full, self.factory.clock.seconds())
                     if wait > 0:
                         self._rate_limited = True
                         if self._turn_call is None or not self._turn_call.active():
@@ -429,7 +430,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
                 if line is None:
                     break
                 if self._rate is not None:
-                    self._rate.consume()
+                    self._rate_full = self._rate.consume(self._rate_full, self.factory.clock.seconds())
                 budget -= 1
                 handled += 1
                 self._handle_line(line)
@@ -543,6 +544,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
             if self._wants("command"):
                 seconds = self.factory.clock.seconds() - self._command_at
                 self.event("command", command=keyword, seconds=seconds)
+            self._command_at = 0.0  # (an idle connection keeps no float for it)
 
     def bad_command(self, response: bytes) -> None:
         self._bad_commands += 1

@@ -104,26 +104,36 @@ class FairScheduler:
 
 
 class CommandRate:
-    """A token bucket: C{rate} commands per second, in bursts of up to C{burst}."""
+    """
+    A token bucket of C{rate} commands per second, in bursts of up to
+    C{burst}, shared by every connection of a server: each connection keeps
+    one number, the time its bucket is full again (C{full_at}, 0.0 at first),
+    and passes it in (the generic cell rate algorithm's form of the bucket).
+    """
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("rate", "burst", "_interval", "_tolerance")
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
+    def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
-        self.tokens = burst
-        self.stamp = now
+        #: the seconds one command's token takes to come back
+        self._interval = 1.0 / rate
+        #: how far ahead of now C{full_at} may be while a token is left
+        self._tolerance = (burst - 1.0) / rate
 
-    def wait(self, now: float) -> float:
-        """0.0 when a command may go now, else the seconds until one may (refills first)."""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
+    def wait(self, full_at: float, now: float) -> float:
+        """0.0 when a command may go now, else the seconds until one may."""
+        late = full_at - now - self._tolerance
+        # (a nanosecond is on time: sums of 1/rate are not exact in binary)
+        return late if late > 1e-9 else 0.0
 
-    def consume(self) -> None:
-        self.tokens -= 1.0
+    def consume(self, full_at: float, now: float) -> float:
+        """One command at C{now}: the connection's new C{full_at}."""
+        return (full_at if full_at > now else now) + self._interval
+
+    def tokens(self, full_at: float, now: float) -> float:
+        """The tokens left at C{now} (for tests and operators)."""
+        return self.burst - max(0.0, full_at - now) * self.rate
 
 
 def _malloc_trim() -> Callable[[], Any] | None:

@@ -22,6 +22,9 @@ _MISSING = object()
 #: (popservice.server.pacing: 16 KiB and more) take Twisted's buffered path, one per turn
 WRITE_THROUGH_LIMIT = 16 * 1024
 
+#: the log prefix of each protocol class that wraps no other (Twisted asks each connection's once)
+_LOG_PREFIXES: dict[type, str] = {}
+
 
 class WriteThroughServer(tcp.Server):
     """
@@ -37,8 +40,9 @@ class WriteThroughServer(tcp.Server):
     through Twisted's own path.
     """
 
-    # Twisted keeps a bound method and a repr string in each connection; here the class makes
-    # them when asked (Twisted's assignments, and its deletion of fileno, are taken and dropped).
+    # Twisted keeps a bound method, a repr string and a log prefix string in each connection
+    # (about 235 bytes); here the class makes them when asked (Twisted's assignments, and its
+    # deletion of fileno, are taken and dropped).
 
     @property
     def fileno(self) -> Callable[[], int]:
@@ -65,6 +69,23 @@ class WriteThroughServer(tcp.Server):
 
     @repstr.setter
     def repstr(self, value: str) -> None:
+        pass
+
+    @property
+    def logstr(self) -> str:
+        # the prefix of the (legacy) log events of this connection, as Twisted's Server makes it;
+        # asked for by Twisted's reactor per read or write event, so kept short and cached by class
+        protocol = getattr(self, "protocol", None)
+        kind = type(protocol)
+        prefix = _LOG_PREFIXES.get(kind)
+        if prefix is None:
+            prefix = self._getLogPrefix(protocol)
+            if not hasattr(protocol, "wrappedProtocol"):  # (a wrapper's prefix is its content's)
+                _LOG_PREFIXES[kind] = prefix
+        return f"{prefix},{self.sessionno},{self.hostname}"
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
         pass
 
     def write(self, data: bytes) -> None:

@@ -56,9 +56,8 @@ class Listing(Sequence[MessageInfo]):
         if len(self._text) >= 1 << 32:
             raise ValueError("listing too long")
         small = not sizes or (min(sizes) >= 0 and max(sizes) < 1 << 32)
-        numbers = array("I" if small else "q", sizes)
-        numbers.extend(accumulate(map(len, items), initial=0))
-        self._numbers = numbers
+        # (made whole: an array grown by extend keeps room to grow, per listing)
+        self._numbers = array("I" if small else "q", [*sizes, *accumulate(map(len, items), initial=0)])
         self._infos = None
         self.state = None
         self.path = None
