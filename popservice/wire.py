@@ -67,6 +67,9 @@ class LineTooLong:
         return "LineTooLong(fatal=True)" if self.fatal else "LineTooLong()"
 
 
+_EMPTY = b""
+
+
 class LineReader:
     """
     Split a byte stream into lines ending in LF (CRLF or bare LF), with a hard
@@ -82,14 +85,19 @@ class LineReader:
         self.max_length = max_length
         #: bytes of one over-long line tolerated past C{max_length} before it is fatal
         self.overflow_margin = 8192
-        self._buffer = bytearray()
+        #: what is buffered: a bytearray, or the shared empty bytes when nothing is (an idle
+        #: connection holds no buffer object of its own)
+        self._buffer: bytes | bytearray = _EMPTY
         self._discarding = False
         #: bytes of the current over-long line thrown away so far (-1: reported fatal)
         self._discarded = 0
         self._fatal_pending = False
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
+        if self._buffer:
+            self._buffer += data
+        elif data:
+            self._buffer = bytearray(data)
 
     @property
     def buffered(self) -> int:
@@ -97,7 +105,7 @@ class LineReader:
 
     def clear(self) -> None:
         """Forget everything buffered (RFC 2595 section 4: after STLS)."""
-        del self._buffer[:]
+        self._buffer = _EMPTY
         self._discarding = False
         self._discarded = 0
         self._fatal_pending = False
@@ -107,6 +115,14 @@ class LineReader:
         data = bytes(self._buffer)
         self.clear()
         return data
+
+    def _drop(self, count: int) -> None:
+        """Forget the first C{count} bytes buffered (all of them: the buffer object goes too)."""
+        buffer = self._buffer
+        if count >= len(buffer):
+            self._buffer = _EMPTY
+        elif isinstance(buffer, bytearray):  # (what is not empty is a bytearray)
+            del buffer[:count]
 
     def next_line(self) -> bytes | LineTooLong | None:
         """
@@ -121,7 +137,7 @@ class LineReader:
             if self._discarding:
                 nl = self._buffer.find(b"\n")
                 gone = len(self._buffer) if nl < 0 else nl + 1
-                del self._buffer[:gone]
+                self._drop(gone)
                 self._discarding = nl < 0
                 if self._discarded >= 0:
                     self._discarded += gone
@@ -140,16 +156,16 @@ class LineReader:
                     # here, else up to the end that is still to come).
                     nl = self._buffer.find(b"\n")
                     if nl >= 0:
-                        del self._buffer[: nl + 1]
+                        self._drop(nl + 1)
                         self._fatal_pending = nl - self.max_length > self.overflow_margin
                     else:
                         self._discarded = len(self._buffer) - self.max_length
-                        del self._buffer[:]
+                        self._buffer = _EMPTY
                         self._discarding = True
                     return LineTooLong()
                 return None
             line = bytes(self._buffer[:nl])
-            del self._buffer[: nl + 1]
+            self._drop(nl + 1)
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) + 2 > self.max_length:

@@ -162,12 +162,37 @@ class WriteThroughTests(unittest.TestCase):
         self.assertNotIn("repstr", vars(transport))
         self.assertEqual(transport.fileno(), transport.socket.fileno())
         self.assertEqual(repr(transport), "<_Keep #%d on %d>" % (transport.sessionno, port.getHost().port))
+        # nor its log prefix string, nor an empty list of pending writes
+        self.assertNotIn("logstr", vars(transport))
+        self.assertEqual(transport.logPrefix(), "_Keep,%d,127.0.0.1" % (transport.sessionno,))
+        self.assertIsNone(vars(transport).get("_pending"))
         lost: defer.Deferred[Any] = defer.Deferred()
         transport.protocol.connectionLost = lambda reason: lost.callback(None)
         transport.loseConnection()
         yield lost
         self.assertEqual(transport.fileno(), -1)  # closed: as Twisted's FileDescriptor says
         self.assertIn("#%d" % transport.sessionno, repr(transport))
+
+    @defer.inlineCallbacks
+    def test_pending_writes_list_made_when_needed_and_let_go(self) -> Any:
+        _, transport, client = yield self.pair()
+        self.assertIsNone(vars(transport).get("_pending"))
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = []
+        for i in range(64):  # until the kernel takes no more: the rest waits in Twisted's list
+            sent.append(bytes([65 + i % 26]) * 4000)
+            transport.write(sent[-1])
+        self.assertTrue(vars(transport)["_pending"])
+        self.assertEqual(transport._tempDataLen, sum(map(len, vars(transport)["_pending"])))
+        received = bytearray()
+        client.setblocking(False)
+        while len(received) < 64 * 4000:
+            try:
+                received += client.recv(65536)
+            except BlockingIOError:
+                yield deferLater(reactor, 0.001, lambda: None)
+        self.assertEqual(bytes(received), b"".join(sent))
+        self.assertIsNone(vars(transport).get("_pending"))  # emptied by Twisted: let go
 
     def test_nothing_but_twisteds_tcp_server_is_changed(self) -> None:
         class Other:

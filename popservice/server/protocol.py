@@ -23,6 +23,7 @@ the timers (L{popservice.server.timeouts}) and flow control:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Container
 from typing import Any, Union
 
@@ -299,7 +300,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
             return
         self._waiting = False
         self.transaction = Transaction(self, session)
-        self.user = name
+        self.user = sys.intern(name)  # (the store's lock holds the same name: one string)
         self.state = State.TRANSACTION
         self.reader.max_length = wire.MAX_COMMAND_LINE
         # of the AUTHORIZATION state only the login method is kept, in an object shared by

@@ -40,8 +40,8 @@ class WriteThroughServer(tcp.Server):
     through Twisted's own path.
     """
 
-    # Twisted keeps a bound method, a repr string and a log prefix string in each connection
-    # (about 235 bytes); here the class makes them when asked (Twisted's assignments, and its
+    # Twisted keeps a bound method, a repr string, a log prefix string and a list in each
+    # connection (about 290 bytes); here the class makes them when asked (Twisted's assignments, and its
     # deletion of fileno, are taken and dropped).
 
     @property
@@ -88,6 +88,19 @@ class WriteThroughServer(tcp.Server):
     def logstr(self, value: str) -> None:
         pass
 
+    @property
+    def _tempDataBuffer(self) -> list[bytes]:
+        # Twisted's list of writes not yet joined into its buffer: made when first asked for and
+        # let go when Twisted empties it (an idle connection holds no list)
+        pending: list[bytes] | None = self.__dict__.get("_pending")
+        if pending is None:
+            pending = self.__dict__["_pending"] = []
+        return pending
+
+    @_tempDataBuffer.setter
+    def _tempDataBuffer(self, value: list[bytes]) -> None:
+        self.__dict__["_pending"] = value or None
+
     def write(self, data: bytes) -> None:
         if (not self.TLS and self.connected and not self.disconnecting and not self._writeDisconnected
                 and type(data) is bytes and 0 < len(data) < WRITE_THROUGH_LIMIT
@@ -112,7 +125,9 @@ def write_through(transport: Any) -> bool:
             if type(port) is tcp.Port and port.transport is tcp.Server:
                 # the port's next connections are born so (a class change costs each one a dict)
                 port.transport = WriteThroughServer
+            pending = transport.__dict__.pop("_tempDataBuffer", None)
             transport.__class__ = WriteThroughServer
+            transport._tempDataBuffer = pending or []  # (what Twisted holds, under the class's name)
             return True
         if isinstance(transport, tcp.Server):
             return isinstance(transport, WriteThroughServer)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import sys
 import unicodedata
 from collections.abc import Callable
 
@@ -235,7 +236,8 @@ class MaildirStore:
         if self._lock_factory is not None:
             return self._lock_factory(path)
         # The lock file records its holder (process, control socket, user) for take-over requests.
-        return FcntlMailboxLock(path, user=user or None, name=LOCK_FILE_NAME)
+        # (interned: the session's shell holds the same name, one string for both)
+        return FcntlMailboxLock(path, user=sys.intern(user) if user else None, name=LOCK_FILE_NAME)
 
     def open_mailbox(self, user: str, home: "str | None") -> "defer.Deferred[IMailbox]":
         """
