@@ -400,6 +400,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         handled = 0
         try:
             budget = self.commands_per_turn
+            now = 0.0
             while not self._paused and not self._closing and not self._waiting:
                 transfer = self._transfer
                 if transfer is not None:
@@ -420,8 +421,10 @@ class POP3ServerProtocol(SessionTimers, Protocol):
                         self._scheduled = True
                         self.factory.scheduler.enqueue(self)
                     break
-                if self._rate is not None and self.reader.buffered:
-                    wait = self._rate.wait(self._rate_full, self.factory.clock.seconds())
+                rate = self._rate
+                if rate is not None and self.reader.buffered:
+                    now = self.factory.clock.seconds()
+                    wait = rate.wait(self._rate_full, now)
                     if wait > 0:
                         self._rate_limited = True
                         if self._turn_call is None or not self._turn_call.active():
@@ -430,8 +433,10 @@ class POP3ServerProtocol(SessionTimers, Protocol):
                 line = self.reader.next_line()
                 if line is None:
                     break
-                if self._rate is not None:
-                    self._rate_full = self._rate.consume(self._rate_full, self.factory.clock.seconds())
+                if rate is not None:
+                    # (now: read above, as something was buffered; a pending over-long line's report
+                    # comes with nothing buffered)
+                    self._rate_full = rate.consume(self._rate_full, now or self.factory.clock.seconds())
                 budget -= 1
                 handled += 1
                 self._handle_line(line)
