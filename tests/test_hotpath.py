@@ -13,7 +13,9 @@ The per-session fast paths (issue 10), each against what it replaces:
     read of a regular file taken for its end (no read that returns nothing);
     a pipe read in short pieces is still read to its end;
   - the lock file's holder record built from a per-process head: the same
-    bytes as JSON, and a new token or control socket seen at once.
+    bytes as JSON, and a new token or control socket seen at once;
+  - what an idle logged-in connection holds: none of the objects it does
+    not need.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from twisted.trial import unittest
 from popservice import wire
 from popservice.interfaces import IImmediateMessageStream, LockHolder, MailboxUnavailable
 from popservice.server import transport as transport_module
+from popservice.server.login import LoggedIn, after_login
 from popservice.server.transport import WRITE_THROUGH_LIMIT, WriteThroughServer, write_through
 from popservice.stores.lock import decode_record, encode_record
 from popservice.stores.maildir import MaildirStore
@@ -354,3 +357,41 @@ class SummaryTests(ServerMixin, unittest.TestCase):
         self.assertEqual((logout["messages"], logout["size"]), (3, 3 + 4 + 5))
         [listing] = store.listings._listings.values()
         self.assertIsNone(listing._infos)  # the cached listing stays compact
+
+
+class IdleConnectionTests(ServerMixin, unittest.TestCase):
+    """
+    What an idle logged-in connection holds (issue 10, item 4): none of the
+    per-connection objects an idle session does not need, each of which was
+    there before (the login state, a line buffer, Twisted's pending-writes
+    list and log prefix, a command rate object, a float for the last command).
+    """
+
+    @defer.inlineCallbacks
+    def test_idle_session_holds_only_what_it_needs(self) -> Any:
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "alice", "new"))
+        with open(os.path.join(root, "alice", "new", "1.m.host"), "wb") as f:
+            f.write(b"Subject: x\n\nbody\n")
+        self.listen(make_factory(MaildirStore(os.path.join(root, "%u")), [memory_checker(alice="secret")]))
+        first = yield self.login()
+        self.assertTrue((yield first.command(b"STAT")).startswith(b"+OK 1 "))
+        [connection] = list(self.factory.connections)
+        # the login state: one shared object per login method, holding the method only
+        self.assertIs(type(connection.login), LoggedIn)
+        self.assertIs(connection.login, after_login("USER"))
+        self.assertEqual(connection.login.method, "USER")
+        # no line buffer object, no float for the answered command
+        self.assertIs(connection.reader._buffer, b"")
+        self.assertEqual(connection._command_at, 0.0)
+        # the command rate is the server's object; the connection keeps one number
+        self.assertIs(connection._rate, self.factory.command_rate())
+        self.assertIsInstance(connection._rate_full, float)
+        # Twisted's per-connection list, log prefix, bound fileno and repr are not kept
+        transport = connection.transport
+        for name in ("_pending", "logstr", "fileno", "repstr", "_tempDataBuffer"):
+            self.assertIsNone(vars(transport).get(name), name)
+        # one string for the user name, shared by the shell and the mailbox lock
+        mailbox = connection.session.mailbox
+        self.assertIs(connection.user, mailbox._lock.user)
+        self.assertIs(mailbox.path, mailbox._listing.path)

@@ -125,7 +125,10 @@ def write_through(transport: Any) -> bool:
             if type(port) is tcp.Port and port.transport is tcp.Server:
                 # the port's next connections are born so (a class change costs each one a dict)
                 port.transport = WriteThroughServer
-            pending = transport.__dict__.pop("_tempDataBuffer", None)
+            made = transport.__dict__
+            pending = made.pop("_tempDataBuffer", None)
+            for name in ("fileno", "repstr", "logstr"):  # (the class answers for them now)
+                made.pop(name, None)
             transport.__class__ = WriteThroughServer
             transport._tempDataBuffer = pending or []  # (what Twisted holds, under the class's name)
             return True
