@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -137,6 +138,19 @@ class LoginDelayAndExpire(PolicyTestCase):
         later = yield self.connect()
         yield later.command(b"USER alice")
         self.assertTrue((yield later.command(b"PASS secret")).startswith(b"+OK"))
+
+    @defer.inlineCallbacks
+    def test_logins_remembered_only_with_a_delay(self) -> Any:
+        self.start()
+        client = yield self.login()
+        self.assertTrue((yield client.command(b"STAT")).startswith(b"+OK"))
+        self.assertEqual(self.factory.last_login, {})  # no entry per user who ever logged in
+        yield client.command(b"QUIT")
+        config = self.factory.config
+        self.factory.config = replace(config, policy=replace(config.policy, login_delay=60))
+        again = yield self.login()
+        self.assertTrue((yield again.command(b"STAT")).startswith(b"+OK"))
+        self.assertEqual(list(self.factory.last_login), ["alice"])
 
     @defer.inlineCallbacks
     def test_expire_zero_deletes_retrieved_at_quit(self) -> Any:

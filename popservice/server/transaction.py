@@ -81,7 +81,9 @@ def open_session(shell: Shell, result: tuple[Any, Any, Callable[[], None]], name
             shell.event("login_delay", attempted=name, wait=int(delay - (now - last)), method=method)
             shell.reply(wire.err("Minimum time between logins not reached", "LOGIN-DELAY"))
             return None
-        hub.last_login[name] = now
+        if delay > 0:
+            # (kept only for users with a delay: no entry per user who ever logged in otherwise)
+            hub.last_login[name] = now
         return session
 
     d.addCallbacks(listed, failed)
