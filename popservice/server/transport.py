@@ -22,8 +22,10 @@ _MISSING = object()
 #: (popservice.server.pacing: 16 KiB and more) take Twisted's buffered path, one per turn
 WRITE_THROUGH_LIMIT = 16 * 1024
 
-#: the log prefix of each protocol class that wraps no other (Twisted asks each connection's once)
-_LOG_PREFIXES: dict[type, str] = {}
+#: the log prefix of each chain of protocol classes (a protocol, what it wraps...): Twisted asks
+#: each connection's protocol once, and the prefixes of Twisted's and our protocols are made from
+#: their classes
+_LOG_PREFIXES: dict[tuple[type, ...], str] = {}
 
 
 class WriteThroughServer(tcp.Server):
@@ -76,12 +78,15 @@ class WriteThroughServer(tcp.Server):
         # the prefix of the (legacy) log events of this connection, as Twisted's Server makes it;
         # asked for by Twisted's reactor per read or write event, so kept short and cached by class
         protocol = getattr(self, "protocol", None)
-        kind = type(protocol)
-        prefix = _LOG_PREFIXES.get(kind)
+        # (a wrapper's prefix is made from what it wraps: the key is the chain of classes)
+        kinds: tuple[type, ...] = (type(protocol),)
+        inner = getattr(protocol, "wrappedProtocol", None)
+        while inner is not None and len(kinds) < 8:
+            kinds += (type(inner),)
+            inner = getattr(inner, "wrappedProtocol", None)
+        prefix = _LOG_PREFIXES.get(kinds)
         if prefix is None:
-            prefix = self._getLogPrefix(protocol)
-            if not hasattr(protocol, "wrappedProtocol"):  # (a wrapper's prefix is its content's)
-                _LOG_PREFIXES[kind] = prefix
+            prefix = _LOG_PREFIXES[kinds] = self._getLogPrefix(protocol)
         return f"{prefix},{self.sessionno},{self.hostname}"
 
     @logstr.setter
