@@ -41,6 +41,16 @@ from popservice.stores.maildir.mailbox import MaildirMessageStream
 from tests.support import ServerMixin, make_factory, memory_checker, record_events
 
 
+def alice_maildir(case: unittest.TestCase, *bodies: bytes) -> MaildirStore:
+    """A Maildir store whose user alice has C{bodies} in new/ (one file each, in order)."""
+    root = os.path.abspath(case.mktemp())
+    os.makedirs(os.path.join(root, "alice", "new"))
+    for i, body in enumerate(bodies):
+        with open(os.path.join(root, "alice", "new", "%d.m.host" % i), "wb") as f:
+            f.write(body)
+    return MaildirStore(os.path.join(root, "%u"))
+
+
 class _Keep(protocol.Protocol):
     """Server side of a test connection: keeps its transport for the test."""
 
@@ -214,11 +224,8 @@ class WriteThroughTests(unittest.TestCase):
 class WriteThroughSessionTests(ServerMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_server_connections_write_through(self) -> Any:
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "alice", "new"))
-        with open(os.path.join(root, "alice", "new", "1.m.host"), "wb") as f:
-            f.write(b"Subject: x\n\n.dot\nbody\n")
-        self.listen(make_factory(MaildirStore(os.path.join(root, "%u")), [memory_checker(alice="secret")]))
+        self.listen(make_factory(alice_maildir(self, b"Subject: x\n\n.dot\nbody\n"),
+                                 [memory_checker(alice="secret")]))
         client = yield self.login()
         [connection] = list(self.factory.connections)
         self.assertIsInstance(connection.transport, WriteThroughServer)
@@ -342,12 +349,7 @@ class LockPathTests(unittest.TestCase):
 class SummaryTests(ServerMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_logout_sums_sizes_without_a_messageinfo_per_message(self) -> Any:
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "alice", "new"))
-        for i, body in enumerate((b"a\n", b"bb\n", b"ccc\n")):
-            with open(os.path.join(root, "alice", "new", "%d.m.host" % i), "wb") as f:
-                f.write(body)
-        store = MaildirStore(os.path.join(root, "%u"))
+        store = alice_maildir(self, b"a\n", b"bb\n", b"ccc\n")
         self.listen(make_factory(store, [memory_checker(alice="secret")]))
         events = record_events(self.factory)
         client = yield self.login()
@@ -369,11 +371,8 @@ class IdleConnectionTests(ServerMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_idle_session_holds_only_what_it_needs(self) -> Any:
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "alice", "new"))
-        with open(os.path.join(root, "alice", "new", "1.m.host"), "wb") as f:
-            f.write(b"Subject: x\n\nbody\n")
-        self.listen(make_factory(MaildirStore(os.path.join(root, "%u")), [memory_checker(alice="secret")]))
+        self.listen(make_factory(alice_maildir(self, b"Subject: x\n\nbody\n"),
+                                 [memory_checker(alice="secret")]))
         first = yield self.login()
         self.assertTrue((yield first.command(b"STAT")).startswith(b"+OK 1 "))
         [connection] = list(self.factory.connections)
