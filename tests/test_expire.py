@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from popservice.auth.passwdfile import PasswdFileChecker
 from popservice.expire import expire_all
 from popservice.server.policy import Policy
-from popservice.stores.maildir import MaildirStore
+from popservice.stores.maildir import MaildirMailbox, MaildirStore
 from popservice.stores.retrieval import RetrievalLog
 from tests.support import ServerMixin, make_factory
 
@@ -100,6 +100,26 @@ class ExpireAtLogin(ServerMixin, unittest.TestCase):
         self.clock.advance(10 * DAY)
         (stat,) = yield self.session(b"STAT")
         self.assertTrue(stat.startswith(b"+OK 2 "), stat)
+
+
+    @defer.inlineCallbacks
+    def test_retrieval_counts_when_the_deletion_fails(self) -> Any:
+        def refuse(self: MaildirMailbox, indices: list[int]) -> Any:
+            return defer.fail(OSError(5, "Input/output error"))
+
+        with_refusal = self.patch(MaildirMailbox, "delete", refuse)
+        client = yield self.login()
+        yield client.command_multi(b"RETR 2")
+        self.assertTrue((yield client.command(b"DELE 2")).startswith(b"+OK"))
+        answer = yield client.command(b"QUIT")
+        self.assertTrue(answer.startswith(b"-ERR [SYS/TEMP]"), answer)
+        yield client.lost
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # "UPDATE failed", logged
+        with_refusal.restore()
+        self.assertEqual(len(files(self.box)), 3)  # nothing removed
+        self.clock.advance(30 * DAY)
+        (stat,) = yield self.session(b"STAT")
+        self.assertTrue(stat.startswith(b"+OK 2 "), stat)  # message 2's retrieval was recorded
 
 
 class ExpireJob(unittest.TestCase):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from popservice import wire
 from popservice.interfaces import IMailbox, MessageInfo
@@ -152,6 +153,13 @@ class MailboxSession:
                 return wire.err("Some deleted messages were not removed", "SYS/TEMP")
             return wire.ok("Bye, %d messages deleted" % (len(gone),))
 
+        def failed(failure: Failure) -> Failure:
+            # Nothing is known to be removed: every retrieved message still counts as retrieved
+            # for RFC 2449 EXPIRE (transaction.release), marked for deletion or not.
+            self.updated = False
+            self.stats.failed_deletions = len(indices)
+            return failure
+
         d: defer.Deferred[list[int]] = defer.maybeDeferred(self.mailbox.delete, indices)
-        return d.addCallback(done)
+        return d.addCallbacks(done, failed)
 
