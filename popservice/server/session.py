@@ -29,7 +29,6 @@ class SessionStats:
     top_bytes: int = 0
     deleted: int = 0
     deleted_bytes: int = 0
-    failed_deletions: int = 0
 
 
 class MailboxSession:
@@ -148,7 +147,6 @@ class MailboxSession:
             self.deleted = set(gone)
             self.stats.deleted = len(gone)
             self.stats.deleted_bytes = sum(self.listing[i].size for i in gone)
-            self.stats.failed_deletions = len(failed_set)
             if failed_set:
                 return wire.err("Some deleted messages were not removed", "SYS/TEMP")
             return wire.ok("Bye, %d messages deleted" % (len(gone),))
@@ -157,7 +155,6 @@ class MailboxSession:
             # Nothing is known to be removed: every retrieved message still counts as retrieved
             # for RFC 2449 EXPIRE (transaction.release), marked for deletion or not.
             self.updated = False
-            self.stats.failed_deletions = len(indices)
             return failure
 
         d: defer.Deferred[list[int]] = defer.maybeDeferred(self.mailbox.delete, indices)

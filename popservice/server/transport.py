@@ -43,8 +43,8 @@ class WriteThroughServer(tcp.Server):
     """
 
     # Twisted keeps a bound method, a repr string, a log prefix string and a list in each
-    # connection (about 290 bytes); here the class makes them when asked (Twisted's assignments, and its
-    # deletion of fileno, are taken and dropped).
+    # connection (about 290 bytes); here the class makes them when asked (Twisted's assignments,
+    # and its deletion of fileno, are taken and dropped).
 
     @property
     def fileno(self) -> Callable[[], int]:
@@ -76,7 +76,7 @@ class WriteThroughServer(tcp.Server):
     @property
     def logstr(self) -> str:
         # the prefix of the (legacy) log events of this connection, as Twisted's Server makes it;
-        # asked for by Twisted's reactor per read or write event, so kept short and cached by class
+        # asked for by Twisted's reactor per read or write event, so the prefix is cached
         protocol = getattr(self, "protocol", None)
         # (a wrapper's prefix is made from what it wraps: the key is the chain of classes)
         kinds: tuple[type, ...] = (type(protocol),)
@@ -135,7 +135,8 @@ def write_through(transport: Any) -> bool:
             for name in ("fileno", "repstr", "logstr"):  # (the class answers for them now)
                 made.pop(name, None)
             transport.__class__ = WriteThroughServer
-            transport._tempDataBuffer = pending or []  # (what Twisted holds, under the class's name)
+            if pending:  # (what Twisted holds, under the class's name)
+                transport._tempDataBuffer = pending
             return True
         if isinstance(transport, tcp.Server):
             return isinstance(transport, WriteThroughServer)
