@@ -30,6 +30,7 @@ from twisted.trial import unittest
 from popservice import wire
 from popservice.server.pacing import (
     GROW_AFTER,
+    LAG_LIMIT,
     LARGE_CHUNK,
     SMALL_CHUNK,
     UNSENT_LIMIT,
@@ -352,6 +353,32 @@ class Pacer(unittest.TestCase):
         self.assertEqual(connection.bufferSize, 32768)
         pacer.reset()
         self.assertEqual(connection.bufferSize, 32768)
+
+
+class ScriptedPacer(BodyPacer):
+    """A BodyPacer told how much the kernel holds unsent, one figure per chunk."""
+
+    def __init__(self, unsent: list[int]) -> None:
+        super().__init__(_Connection(socket.socket()), write_buffer=32768)
+        self.transport.sock.close()
+        self.script = unsent
+
+    def _unsent(self) -> int | None:
+        return self.script.pop(0)
+
+
+class LagLimit(unittest.TestCase):
+    """Lag is more than LAG_LIMIT octets unsent, whatever the size of a large chunk."""
+
+    def test_unsent_up_to_the_lag_limit_keeps_large_chunks(self) -> None:
+        # A fast reader on loopback leaves tens of KiB unsent for a moment: large chunks go on
+        # (half a large chunk was the limit once, and 64 KiB chunks went small several times
+        # per message).
+        self.assertLess(LAG_LIMIT, LARGE_CHUNK // 2)
+        self.assertLess(LAG_LIMIT, UNSENT_LIMIT)
+        pacer = ScriptedPacer([0] * (GROW_AFTER + 1) + [LAG_LIMIT, LAG_LIMIT // 2, LAG_LIMIT + 1, 0])
+        sizes = [pacer.chunk_size() for _ in range(GROW_AFTER + 5)]
+        self.assertEqual(sizes, [SMALL_CHUNK] * GROW_AFTER + [LARGE_CHUNK] * 3 + [SMALL_CHUNK] * 2)
 
 
 class _Connection:

@@ -15,11 +15,20 @@ queue have not even been sent (Linux C{SIOCOUTQNSD}: they wait for the peer's
 window).  None, L{GROW_AFTER} times in a row (a peer's window may take a
 small chunk or two without its reader doing anything), means the peer takes
 all we write: large chunks and the configured write buffer from then on.
-More than half a large chunk unsent means the peer is not reading as fast as
-we write: small chunks again, well before the kernel's cap (below) is
-reached.  A peer that stops reading thus holds one small chunk of ours; a
-fast one gets large chunks after the first few.  Where the kernel cannot say (another system, a UNIX
-socket) chunks are large.
+More than L{LAG_LIMIT} unsent means the peer is not reading as fast as we
+write: small chunks again, before the kernel's cap (below) is reached.  A
+peer that slows down thus holds one small chunk of ours (one that stops dead
+right after a large chunk: that chunk); a fast one gets large chunks after
+the first few.
+
+Large chunks are large because each costs a turn of the reactor, a read, a
+C{send} and a wake-up of the peer: 256 KiB chunks took about a third less server CPU
+per octet than 64 KiB ones for a 50 MiB RETR on loopback (C{bench/} and the
+shared yardstick's C{bigretr}).  The lag limit is apart from the chunk size: a
+fast reader on loopback often leaves tens of KiB unsent for a moment, and a
+limit of half a 64 KiB chunk took that for lag several times per message.
+
+Where the kernel cannot say (another system, a UNIX socket) chunks are large.
 
 Under TLS Twisted gathers small writes (up to 64,000 octets) until the
 next reactor turn before encrypting them, so small chunks would pile up
@@ -47,9 +56,11 @@ from popservice.server.transport import real_socket, set_write_buffer, tls_write
 #: Linux: octets in a TCP socket's send queue not yet sent (linux/sockios.h)
 SIOCOUTQNSD = 0x894B
 
-#: chunk sizes: while the peer keeps up (the Maildir store's read size), and once it does not
-LARGE_CHUNK = 64 * 1024
+#: chunk sizes (what the store reads at a time): while the peer keeps up, and once it does not
+LARGE_CHUNK = 256 * 1024
 SMALL_CHUNK = 16 * 1024
+#: octets unsent in the kernel that mean the peer lags (below UNSENT_LIMIT, which the kernel keeps)
+LAG_LIMIT = 64 * 1024
 #: small chunks all sent at once, in a row, before chunks are large
 GROW_AFTER = 4
 #: octets the kernel may hold unsent for a connection (TCP_NOTSENT_LOWAT)
@@ -133,7 +144,7 @@ class BodyPacer:
             self._clear = self._clear + 1 if unsent == 0 else 0
             if self._clear >= GROW_AFTER:
                 self._set_slow(False)
-        elif not self.slow and unsent > self.large // 2:
+        elif not self.slow and unsent > LAG_LIMIT:
             self._set_slow(True)
         return self.small if self.slow else self.large
 
