@@ -137,6 +137,86 @@ class ImplicitTLS(TLSTestCase):
         self.assertIn(b"secret body\r\n", retr)
 
 
+class TLSAnswersAtOnce(TLSTestCase):
+    """
+    An answer over TLS is encrypted and sent when it is written, not a
+    reactor turn later (Twisted gathers small TLS writes until then; the
+    server writes a turn's answers in one write already).
+    """
+
+    def logged_in(self, port: int, stls: bool) -> Any:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if stls:
+            recv_line(raw)
+            raw.sendall(b"STLS\r\n")
+            recv_line(raw)
+        tls = self.context.wrap_socket(raw, server_hostname="localhost")
+        if not stls:
+            recv_line(tls)
+        tls.sendall(b"USER alice\r\nPASS secret\r\n")
+        recv_line(tls)
+        recv_line(tls)
+        return tls
+
+    def tls_layer(self, server: Any) -> Any:
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+        transport = server.transport
+        for layer in (transport, getattr(transport, "protocol", None)):
+            if isinstance(layer, TLSMemoryBIOProtocol):
+                return layer
+        raise AssertionError("no TLS layer under %r" % (transport,))
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_answer_sent_within_the_write(self) -> Any:
+        import select
+        factory = make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy)
+        endpoint = endpoints.serverFromString(
+            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
+        port = yield endpoint.listen(factory)
+        self.addCleanup(shutdown, port, factory)
+        tls = yield self.blocking(self.logged_in, port.getHost().port, False)
+        self.addCleanup(tls.close)
+        (server,) = list(factory.connections)
+        self.assertNotIn("write", vars(self.tls_layer(server)))
+        server.write(b"+OK probe\r\n")
+        # The reactor does not turn here: the record is in the client's socket only if the write
+        # itself encrypted and sent it.
+        readable, _, _ = select.select([tls], [], [], 2.0)
+        self.assertEqual(readable, [tls])
+        self.assertEqual(recv_line(tls), b"+OK probe\r\n")
+
+    @defer.inlineCallbacks
+    def test_stls_answers_not_gathered(self) -> Any:
+        port = self.start()
+        tls = yield self.blocking(self.logged_in, port, True)
+        self.addCleanup(tls.close)
+        (server,) = list(self.factory.connections)
+        self.assertNotIn("write", vars(self.tls_layer(server)))
+        tls.sendall(b"STAT\r\n")
+        answer = yield self.blocking(recv_line, tls)
+        self.assertTrue(answer.startswith(b"+OK 1 "), answer)
+
+    def test_writes_already_gathered_are_left_alone(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from popservice.server.transport import write_tls_at_once
+        tls_factory = TLSMemoryBIOFactory(load_tls_options(self.cert, self.key), False,
+                                          Factory.forProtocol(Protocol), clock=task.Clock())
+        layer = tls_factory.buildProtocol(None)
+        layer.makeConnection(StringTransport())
+        layer.write(b"gathered")  # waits for the next turn in Twisted's gatherer
+        self.assertFalse(write_tls_at_once(layer))
+        self.assertIn("write", vars(layer))
+        layer._aggregator.flush()
+        self.assertTrue(write_tls_at_once(layer))
+        self.assertNotIn("write", vars(layer))
+        layer.transport.loseConnection()
+        layer.connectionLost(ConnectionDone())
+
+
 class ServerClosesAfterQuit(TLSTestCase):
     """Regression: TLS kept the connection open after QUIT while our producer was registered."""
 

@@ -32,8 +32,10 @@ Where the kernel cannot say (another system, a UNIX socket) chunks are large.
 
 Under TLS Twisted gathers small writes (up to 64,000 octets) until the
 next reactor turn before encrypting them, so small chunks would pile up
-there unseen by the write buffer: while slow, each chunk is pushed through
-TLS as soon as it is written (L{BodyPacer.written}).
+there unseen by the write buffer.  Our connections have that turned off
+(L{popservice.server.transport.write_tls_at_once}); where it could not be,
+each chunk is pushed through TLS as soon as it is written while slow
+(L{BodyPacer.written}).
 
 The kernel's unsent queue is capped too (C{TCP_NOTSENT_LOWAT}, set when the
 first body starts): without it a peer that never reads has the kernel take

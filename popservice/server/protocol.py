@@ -45,7 +45,13 @@ from popservice.server.timeouts import SessionTimers
 from popservice.server.trace import SessionTrace
 from popservice.server.transaction import Transaction, open_session
 from popservice.server.transfer import MessageTransfer
-from popservice.server.transport import peer_certificate, set_nodelay, set_write_buffer, write_through
+from popservice.server.transport import (
+    peer_certificate,
+    set_nodelay,
+    set_write_buffer,
+    write_through,
+    write_tls_at_once,
+)
 from popservice.states import State, legal
 
 _LOGIN_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH", "STLS"})
@@ -171,6 +177,9 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         peer = transport.getPeer()
         self.peer_host = getattr(peer, "host", None)
         self.tls = ISSLTransport.providedBy(transport)
+        if self.tls:
+            # (a turn's answers are one write already: not gathered for another turn)
+            write_tls_at_once(transport)
         config = self.factory.config
         if self.factory.stopping:
             # A graceful stop is under way (popservice.server.lifecycle): come back later.
@@ -322,6 +331,7 @@ class POP3ServerProtocol(SessionTimers, Protocol):
         transport: Any = self.transport
         transport.unregisterProducer()
         transport.startTLS(self.factory.config.tls_context)
+        write_tls_at_once(transport)
         transport.registerProducer(self, True)
         self.tls = True
         self._start_handshake_timer()

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet import abstract, tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 _MISSING = object()
 
@@ -178,6 +179,37 @@ def tls_write_gatherer(transport: Any) -> Any:
                 return gatherer
         transport = getattr(transport, "transport", None)
     return None
+
+
+def write_tls_at_once(transport: Any) -> bool:
+    """
+    Have the TLS layer under C{transport} encrypt and send each write when it
+    is made, not on the reactor's next turn.  Twisted gathers small TLS writes
+    until then (C{BufferingTLSTransport}: a C{callLater(0)} per answer and one
+    more pass through the reactor) so that many small writes make one record;
+    our connection already writes each turn's answers in one write (and body
+    chunks one at a time), so the gathering only delays every answer by a
+    turn.  Twisted's gatherer keeps the rest of its job: C{writeSequence},
+    and the flush before C{loseConnection}, still go through it.
+
+    False when there is no such layer, it holds writes already (then they
+    must leave first: nothing changes), or Twisted's private layout differs.
+    """
+    while transport is not None:
+        for candidate in (transport, getattr(transport, "protocol", None)):
+            if not isinstance(candidate, TLSMemoryBIOProtocol):
+                continue
+            gatherer = getattr(candidate, "_aggregator", None)
+            made = getattr(candidate, "__dict__", {})
+            gathered = made.get("write")
+            if (gatherer is None or gathered is None or getattr(gathered, "__self__", None) is not gatherer
+                    or getattr(gatherer, "_buffer", None) != []):
+                return False
+            # The instance's write was the gatherer's: without it, the class's (TLS at once).
+            del made["write"]
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 def set_nodelay(transport: Any) -> None:
