@@ -44,6 +44,17 @@ class TLSTestCase(ServerMixin, unittest.TestCase):
     def blocking(self, f: Any, *args: Any) -> Any:
         return threads.deferToThread(f, *args)
 
+    def listen_ssl(self, factory: Any) -> Any:
+        """C{factory} on an implicit-TLS C{ssl:} endpoint (a Deferred of the port)."""
+        endpoint = endpoints.serverFromString(
+            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
+
+        def listening(port: Any) -> Any:
+            self.addCleanup(shutdown, port, factory)
+            return port
+
+        return endpoint.listen(factory).addCallback(listening)
+
 
 class STLS(TLSTestCase):
     def stls_session(self, port: int) -> dict[str, Any]:
@@ -127,10 +138,7 @@ class ImplicitTLS(TLSTestCase):
     @defer.inlineCallbacks
     def test_ssl_endpoint(self) -> Any:
         factory = make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy)
-        endpoint = endpoints.serverFromString(
-            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
-        port = yield endpoint.listen(factory)
-        self.addCleanup(shutdown, port, factory)
+        port = yield self.listen_ssl(factory)
         greeting, capa, retr = yield self.blocking(self.session, port.getHost().port)
         self.assertTrue(greeting.startswith(b"+OK"))
         self.assertNotIn(b"STLS", capa)  # already encrypted
@@ -170,10 +178,7 @@ class TLSAnswersAtOnce(TLSTestCase):
     def test_implicit_tls_answer_sent_within_the_write(self) -> Any:
         import select
         factory = make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy)
-        endpoint = endpoints.serverFromString(
-            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
-        port = yield endpoint.listen(factory)
-        self.addCleanup(shutdown, port, factory)
+        port = yield self.listen_ssl(factory)
         tls = yield self.blocking(self.logged_in, port.getHost().port, False)
         self.addCleanup(tls.close)
         (server,) = list(factory.connections)
@@ -239,10 +244,7 @@ class ServerClosesAfterQuit(TLSTestCase):
     @defer.inlineCallbacks
     def test_implicit_tls_quit_closes(self) -> Any:
         factory = make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy)
-        endpoint = endpoints.serverFromString(
-            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
-        port = yield endpoint.listen(factory)
-        self.addCleanup(shutdown, port, factory)
+        port = yield self.listen_ssl(factory)
         answer = yield self.blocking(self.quit_and_wait_eof, port.getHost().port, False)
         self.assertTrue(answer.startswith(b"+OK"))
 
@@ -272,12 +274,9 @@ class ServerGoneAfterQuit(TLSTestCase):
     def listen_implicit(self, **config: Any) -> Any:
         factory = self.record(make_factory(self.store, [memory_checker(alice="secret")], policy=self.policy,
                                            **config))
-        endpoint = endpoints.serverFromString(
-            reactor, "ssl:0:privateKey=%s:certKey=%s:interface=127.0.0.1" % (self.key, self.cert))
-        d = endpoint.listen(factory)
+        d = self.listen_ssl(factory)
 
         def listening(port: Any) -> int:
-            self.addCleanup(shutdown, port, factory)
             self.factory = factory
             return int(port.getHost().port)
 
