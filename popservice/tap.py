@@ -425,10 +425,10 @@ def with_backlog(description: str) -> str:
 
 def observability(options: Any, factory: POP3ServerFactory, top: ListeningServices) -> None:
     """C{--log-format json}; C{--metrics ENDPOINT}: a metrics observer beside the log, its HTTP listener."""
-    if options["log-format"] == "json" and options.get("worker-fds") is None:  # a worker's parent writes
-        from popservice.server.logformat import use_json_logs
+    if options.get("worker-fds") is None:  # (a worker's parent writes)
+        from popservice.server.logformat import use_classic_text_logs, use_json_logs
 
-        use_json_logs()
+        use_json_logs() if options["log-format"] == "json" else use_classic_text_logs()
     if options["metrics"]:
         from prometheus_client import disable_created_metrics
 

@@ -17,11 +17,17 @@ import sys
 import time
 from typing import Any
 
-from twisted.logger import LogBeginner, Logger, LogPublisher, textFileLogObserver
+from twisted.logger import FileLogObserver, LogBeginner, Logger, LogPublisher, textFileLogObserver
 from twisted.trial import unittest
 
 from popservice.server.events import SESSION_NAMESPACE, LogObserver, new_session_id
-from popservice.server.logformat import event_as_json, use_json_logs
+from popservice.server.logformat import (
+    ClassicText,
+    as_classic_text,
+    event_as_json,
+    use_classic_text_logs,
+    use_json_logs,
+)
 from tests.test_tap import free_port, make_maildir
 
 TWISTD = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "twistd")
@@ -103,6 +109,65 @@ class Formatter(unittest.TestCase):
         lines = [json.loads(line) for line in out.getvalue().splitlines()]
         self.assertEqual([(e["event"], e["message"]) for e in lines],
                          [("early", "before logging began"), ("late", "after 1")])
+
+
+class ClassicTextLines(unittest.TestCase):
+    """L{ClassicText} writes what Twisted's C{textFileLogObserver} writes, character for character."""
+
+    def events(self) -> list[dict[str, Any]]:
+        events = Formatter.events(self)  # type: ignore[arg-type]
+        log = Logger(namespace="legacy")
+        events.append({"log_format": "{x}", "x": "system of its own", "log_system": "-",
+                       "log_time": 1.5, "log_namespace": "n", "log_level": None, "log_logger": log})
+        events.append({"log_format": "no time", "log_namespace": "n"})
+        return events
+
+    def test_same_characters_as_twisted(self) -> None:
+        base = time.time()
+        for time_format in (None, "%Y-%m-%dT%H:%M:%S%z", "%H:%M:%S.%f"):
+            ours = ClassicText(*(() if time_format == "%Y-%m-%dT%H:%M:%S%z" else (time_format,)))
+            twisted_text = textFileLogObserver(io.StringIO(), timeFormat=time_format).formatEvent
+            # times within a second, across seconds, and one that rounds up to the next second
+            for when in (base, base + 0.25, base + 1, int(base) + 0.9999997, int(base) + 0.1, int(base) + 2.5,
+                         base - 86400):
+                for event in self.events():
+                    if "log_time" in event:
+                        event["log_time"] = when
+                    self.assertEqual(ours(event), twisted_text(event), (time_format, when, event))
+
+    def test_session_line(self) -> None:
+        login = Formatter.events(self)[0]  # type: ignore[arg-type]
+        login["log_time"] = 1767225600.5
+        line = ClassicText()(login)
+        assert line is not None
+        self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[popservice\.session#info\] "
+                               r"pop3 login: messages=3 method=PLAIN peer=192\.0\.2\.1 session=abc123000001 "
+                               r"tls=True user=alice\n$")
+
+    def test_only_twisteds_own_text_observer_is_changed(self) -> None:
+        twisted_text = textFileLogObserver(io.StringIO(), timeFormat="%H:%M")
+        as_classic_text(twisted_text)
+        self.assertIsInstance(twisted_text.formatEvent, ClassicText)
+        self.assertEqual(twisted_text.formatEvent.time_format, "%H:%M")  # type: ignore[attr-defined]
+
+        def own(event: dict[str, Any]) -> str:
+            return "mine\n"
+
+        custom = FileLogObserver(io.StringIO(), own)
+        as_classic_text(custom)
+        self.assertIs(custom.formatEvent, own)
+
+    def test_use_classic_text_logs_wraps_the_beginner_once(self) -> None:
+        publisher = LogPublisher()
+        out = io.StringIO()
+        beginner = LogBeginner(publisher, io.StringIO(), sys, __import__("warnings"))
+        use_classic_text_logs(beginner)
+        observer = textFileLogObserver(out)
+        beginner.beginLoggingTo([observer], redirectStandardIO=False)
+        self.assertNotIn("beginLoggingTo", vars(beginner))
+        self.assertIsInstance(observer.formatEvent, ClassicText)
+        Logger(namespace="late", observer=publisher).info("after {x}", x=1)
+        self.assertTrue(out.getvalue().endswith(" [late#info] after 1\n"), out.getvalue())
 
 
 def wait_port(port: int, process: subprocess.Popen[bytes], seconds: float = 30.0) -> None:
@@ -200,7 +265,8 @@ class TwistdLogs(unittest.TestCase):
         _, stdout = self.run_twistd(log_format="text")
         login = [line for line in stdout.splitlines() if "pop3 login: " in line]
         self.assertEqual(len(login), 1, stdout)
-        self.assertIn("[popservice.session#info] pop3 login: ", login[0])
+        self.assertRegex(login[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
+                                   r"\[popservice\.session#info\] pop3 login: ")
         self.assertRegex(login[0],
                          r"method=USER peer=127\.0\.0\.1 session=[0-9a-f]{12} tls=False user=alice$")
         self.assertRaises(ValueError, json.loads, login[0])
