@@ -140,6 +140,19 @@ class IMailbox(Interface):
         """End of session, whatever its outcome: release locks. Returns a Deferred."""
 
 
+class IImmediateMailbox(IMailbox):
+    """
+    An L{IMailbox} whose messages open at once (local files): the server
+    opens them with L{open_now}, without a Deferred per RETR or TOP.
+    """
+
+    def open_now(index: int) -> IMessageStream:
+        """
+        An L{IMessageStream} for message C{index}; raises what C{open()}'s
+        Deferred would fail with (L{MessageGone}...).
+        """
+
+
 class IMailboxLock(Interface):
     """
     An exclusive per-mailbox session lock.  Today an fcntl lock on a file;

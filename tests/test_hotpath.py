@@ -31,13 +31,13 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from popservice import wire
-from popservice.interfaces import IImmediateMessageStream, LockHolder, MailboxUnavailable
+from popservice.interfaces import IImmediateMailbox, IImmediateMessageStream, LockHolder, MailboxUnavailable
 from popservice.server import transport as transport_module
 from popservice.server.login import LoggedIn, after_login
 from popservice.server.transport import WRITE_THROUGH_LIMIT, WriteThroughServer, write_through
 from popservice.stores.lock import decode_record, encode_record
 from popservice.stores.maildir import MaildirStore
-from popservice.stores.maildir.mailbox import MaildirMessageStream
+from popservice.stores.maildir.mailbox import MaildirMailbox, MaildirMessageStream
 from tests.support import ServerMixin, make_factory, memory_checker, record_events
 
 
@@ -359,6 +359,44 @@ class SummaryTests(ServerMixin, unittest.TestCase):
         self.assertEqual((logout["messages"], logout["size"]), (3, 3 + 4 + 5))
         [listing] = store.listings._listings.values()
         self.assertIsNone(listing._infos)  # the cached listing stays compact
+
+
+class ImmediateOpenTests(ServerMixin, unittest.TestCase):
+    """RETR and TOP open a Maildir message at once (IImmediateMailbox), with the same answers."""
+
+    def message_file(self, store: MaildirStore, base: str) -> str:
+        root = os.path.dirname(store.template.replace("%u", "alice/x"))
+        for sub in ("cur", "new"):
+            for name in os.listdir(os.path.join(root, sub)):
+                if name.startswith(base):
+                    return os.path.join(root, sub, name)
+        raise AssertionError("no file %s" % (base,))
+
+    @defer.inlineCallbacks
+    def test_open_now_answers(self) -> Any:
+        store = alice_maildir(self, b"Subject: a\n\none\n", b"bb\n", b"ccc\n")
+        self.listen(make_factory(store, [memory_checker(alice="secret")]))
+        client = yield self.login()
+
+        def no_deferred_open(*args: object) -> None:
+            raise AssertionError("open() called: a Deferred per message")
+
+        self.patch(MaildirMailbox, "open", no_deferred_open)
+        first, body = yield client.command_multi(b"RETR 1")
+        self.assertEqual((first, body), (b"+OK 19 octets", b"Subject: a\r\n\r\none\r\n"))
+        first, body = yield client.command_multi(b"TOP 1 0")
+        self.assertEqual(body, b"Subject: a\r\n\r\n")
+        # gone underneath (another client's UPDATE): a temporary error, the session goes on
+        os.unlink(self.message_file(store, "1.m.host"))
+        self.assertEqual((yield client.command(b"RETR 2")), b"-ERR [SYS/TEMP] Message is no longer available")
+        # not a regular file any more: cannot be read, logged
+        path = self.message_file(store, "2.m.host")
+        os.unlink(path)
+        os.mkdir(path)
+        self.assertEqual((yield client.command(b"RETR 3")), b"-ERR [SYS/TEMP] Cannot read message")
+        self.assertEqual(len(self.flushLoggedErrors(MailboxUnavailable)), 1)
+        self.assertEqual((yield client.command(b"NOOP")), b"+OK")
+        self.assertTrue(IImmediateMailbox.providedBy(self.factory.connections.copy().pop().session.mailbox))
 
 
 class IdleConnectionTests(ServerMixin, unittest.TestCase):

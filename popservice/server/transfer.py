@@ -17,7 +17,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popservice import wire
-from popservice.interfaces import IImmediateMessageStream, IMessageStream, ISizedMessageStream, MessageGone
+from popservice.interfaces import (
+    IImmediateMailbox,
+    IImmediateMessageStream,
+    IMessageStream,
+    ISizedMessageStream,
+    MessageGone,
+)
 from popservice.server.pacing import SMALL_CHUNK, BodyPacer
 from popservice.server.quirks import OE_NS_EOH, OUTLOOK_NO_NULS, HeaderEnd
 from popservice.server.session import MailboxSession
@@ -134,32 +140,44 @@ def send_message(shell: Shell, session: MailboxSession, number: int, lines: int 
     index = session.message(number)
     if isinstance(index, bytes):
         return index
+    mailbox = session.mailbox
     shell.wait()
-    d: defer.Deferred[Any] = defer.maybeDeferred(session.mailbox.open, index)
-
-    def opened(stream: IMessageStream) -> None:
-        if shell.closed:
-            stream.close()
-            return
-        size = session.listing[index].size
-        if lines is None:
-            session.stats.retr += 1
-            shell.reply(wire.ok("%d octets" % (size,)))
+    if IImmediateMailbox.providedBy(mailbox):
+        # (a local file: opened now, no Deferred per message)
+        try:
+            stream = mailbox.open_now(index)
+        except Exception:
+            _failed(Failure(), shell, number)
         else:
-            session.stats.top += 1
-            shell.reply(wire.ok("Top of message follows"))
-        shell.send_body(MessageTransfer(shell, session, stream, index, lines, size))
-        shell.proceed()
-
-    def failed(failure: Failure) -> None:
-        if failure.check(MessageGone):
-            MessageTransfer.log.warn("message {n} of {user} is gone", n=number, user=shell.user)
-            shell.reply(wire.err("Message is no longer available", "SYS/TEMP"))
-        else:
-            MessageTransfer.log.failure("opening message {n} of {user} failed", failure, n=number,
-                                        user=shell.user)
-            shell.reply(wire.err("Cannot read message", "SYS/TEMP"))
-        shell.proceed()
-
-    d.addCallbacks(opened, failed)
+            _opened(stream, shell, session, index, lines)
+        return None
+    d: defer.Deferred[Any] = defer.maybeDeferred(mailbox.open, index)
+    d.addCallbacks(_opened, _failed, callbackArgs=(shell, session, index, lines), errbackArgs=(shell, number))
     return None
+
+
+def _opened(stream: IMessageStream, shell: Shell, session: MailboxSession, index: int,
+            lines: int | None) -> None:
+    if shell.closed:
+        stream.close()
+        return
+    size = session.listing[index].size
+    if lines is None:
+        session.stats.retr += 1
+        shell.reply(wire.ok("%d octets" % (size,)))
+    else:
+        session.stats.top += 1
+        shell.reply(wire.ok("Top of message follows"))
+    shell.send_body(MessageTransfer(shell, session, stream, index, lines, size))
+    shell.proceed()
+
+
+def _failed(failure: Failure, shell: Shell, number: int) -> None:
+    if failure.check(MessageGone):
+        MessageTransfer.log.warn("message {n} of {user} is gone", n=number, user=shell.user)
+        shell.reply(wire.err("Message is no longer available", "SYS/TEMP"))
+    else:
+        MessageTransfer.log.failure("opening message {n} of {user} failed", failure, n=number,
+                                    user=shell.user)
+        shell.reply(wire.err("Cannot read message", "SYS/TEMP"))
+    shell.proceed()

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from popservice.interfaces import (
     IExpiringMailbox,
+    IImmediateMailbox,
     IImmediateMessageStream,
     IMailboxLock,
     IMessageStream,
@@ -118,7 +119,7 @@ class MaildirMessageStream:
                 os.close(fd)
 
 
-@implementer(IExpiringMailbox)
+@implementer(IExpiringMailbox, IImmediateMailbox)
 class MaildirMailbox:
     """
     One session's view of a Maildir: the listing frozen at open (a
@@ -195,17 +196,23 @@ class MaildirMailbox:
                 self._moved[index] = found
         raise MessageGone(f"message {_file_base(file)} is gone")
 
+    def open_now(self, index: int) -> IMessageStream:
+        self._check(index)
+        if self._deleted is not None and index in self._deleted:
+            raise MessageGone("message deleted")
+        try:
+            fd = self._open_file(index)
+        except MessageGone:
+            raise
+        except OSError as e:
+            raise _translate(e, "opening a message") from e
+        return MaildirMessageStream(fd, regular=True)
+
     def open(self, index: int) -> "defer.Deferred[IMessageStream]":
         try:
-            self._check(index)
-            if self._deleted is not None and index in self._deleted:
-                raise MessageGone("message deleted")
-            fd = self._open_file(index)
-        except (MessageGone, MailboxUnavailable, IndexError) as e:
+            return defer.succeed(self.open_now(index))
+        except (MessageGone, MailboxUnavailable, IndexError, OSError) as e:
             return defer.fail(e)
-        except OSError as e:
-            return defer.fail(_translate(e, "opening a message"))
-        return defer.succeed(MaildirMessageStream(fd, regular=True))
 
     def _delete_sync(self, indices: list[int]) -> list[int]:
         failed: list[int] = []
