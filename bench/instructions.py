@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """
 User-space instructions per POP3 session of a server, counted by valgrind's
-callgrind: exact and repeatable (two runs of one tree differ by well under
-1 %), where CPU time on a shared machine moves by 20 %.  Kernel time is not
+callgrind: repeatable (two runs of one tree, 30 s each, differed by 0.2 to
+3 %: which sessions fall in the window, the collector's timing), where CPU
+time on a shared machine moves by 20 %.  Kernel time is not
 counted: count system calls per session with C{strace -c -f -p PID} beside it.
 
 The server command runs under C{valgrind --tool=callgrind} (about 50 times
