@@ -94,18 +94,22 @@ class WriteThroughServer(tcp.Server):
     def logstr(self, value: str) -> None:
         pass
 
+    #: what _tempDataBuffer holds (None: nothing); an attribute, not reached through __dict__,
+    #: which would give each connection a dict object (64 bytes)
+    _pending: list[bytes] | None = None
+
     @property
     def _tempDataBuffer(self) -> list[bytes]:
         # Twisted's list of writes not yet joined into its buffer: made when first asked for and
         # let go when Twisted empties it (an idle connection holds no list)
-        pending: list[bytes] | None = self.__dict__.get("_pending")
+        pending = self._pending
         if pending is None:
-            pending = self.__dict__["_pending"] = []
+            pending = self._pending = []
         return pending
 
     @_tempDataBuffer.setter
     def _tempDataBuffer(self, value: list[bytes]) -> None:
-        self.__dict__["_pending"] = value or None
+        self._pending = value or None
 
     def write(self, data: bytes) -> None:
         if (not self.TLS and self.connected and not self.disconnecting and not self._writeDisconnected
@@ -200,13 +204,14 @@ def write_tls_at_once(transport: Any) -> bool:
             if not isinstance(candidate, TLSMemoryBIOProtocol):
                 continue
             gatherer = getattr(candidate, "_aggregator", None)
-            made = getattr(candidate, "__dict__", {})
-            gathered = made.get("write")
-            if (gatherer is None or gathered is None or getattr(gathered, "__self__", None) is not gatherer
+            # (read as an attribute, not through __dict__: asking for that would give the
+            # connection a dict object)
+            if (gatherer is None or getattr(candidate.write, "__self__", None) is not gatherer
                     or getattr(gatherer, "_buffer", None) != []):
                 return False
-            # The instance's write was the gatherer's: without it, the class's (TLS at once).
-            del made["write"]
+            # The instance's write was the gatherer's (the class's write is no bound method of
+            # it): without it, the class's, TLS at once.
+            del candidate.write
             return True
         transport = getattr(transport, "transport", None)
     return False
