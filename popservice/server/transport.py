@@ -168,21 +168,26 @@ def real_socket(transport: Any) -> socket.socket | None:
     return None
 
 
+def tls_layer(transport: Any) -> TLSMemoryBIOProtocol | None:
+    """The TLS protocol under C{transport} (and any wrapper over it), or None: not TLS."""
+    # Down the layers (a handshake-timeout or PROXY wrapper may sit above implicit TLS); after
+    # STLS the TLS protocol is the TCP transport's protocol.
+    while transport is not None:
+        for candidate in (transport, getattr(transport, "protocol", None)):
+            if isinstance(candidate, TLSMemoryBIOProtocol):
+                return candidate
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 def tls_write_gatherer(transport: Any) -> Any:
     """
     Twisted's gatherer of small TLS writes over this connection (its
     C{flush()} encrypts and sends what it holds), or None: not TLS, or a
     Twisted without it.  Private to Twisted, hence looked up with care.
     """
-    # Down the layers (a handshake-timeout or PROXY wrapper may sit above implicit TLS); after
-    # STLS the TLS protocol is the TCP transport's protocol.
-    while transport is not None:
-        for candidate in (transport, getattr(transport, "protocol", None)):
-            gatherer = getattr(candidate, "_aggregator", None)
-            if gatherer is not None and callable(getattr(gatherer, "flush", None)):
-                return gatherer
-        transport = getattr(transport, "transport", None)
-    return None
+    gatherer = getattr(tls_layer(transport), "_aggregator", None)
+    return gatherer if gatherer is not None and callable(getattr(gatherer, "flush", None)) else None
 
 
 def write_tls_at_once(transport: Any) -> bool:
@@ -199,22 +204,17 @@ def write_tls_at_once(transport: Any) -> bool:
     False when there is no such layer, it holds writes already (then they
     must leave first: nothing changes), or Twisted's private layout differs.
     """
-    while transport is not None:
-        for candidate in (transport, getattr(transport, "protocol", None)):
-            if not isinstance(candidate, TLSMemoryBIOProtocol):
-                continue
-            gatherer = getattr(candidate, "_aggregator", None)
-            # (read as an attribute, not through __dict__: asking for that would give the
-            # connection a dict object)
-            if (gatherer is None or getattr(candidate.write, "__self__", None) is not gatherer
-                    or getattr(gatherer, "_buffer", None) != []):
-                return False
-            # The instance's write was the gatherer's (the class's write is no bound method of
-            # it): without it, the class's, TLS at once.
-            del candidate.write
-            return True
-        transport = getattr(transport, "transport", None)
-    return False
+    layer = tls_layer(transport)
+    gatherer = getattr(layer, "_aggregator", None)
+    # (read as an attribute, not through __dict__: asking for that would give the connection a
+    # dict object)
+    if (layer is None or gatherer is None or getattr(layer.write, "__self__", None) is not gatherer
+            or getattr(gatherer, "_buffer", None) != []):
+        return False
+    # The instance's write was the gatherer's (the class's write is no bound method of it):
+    # without it, the class's, TLS at once.
+    del layer.write
+    return True
 
 
 def set_nodelay(transport: Any) -> None:
