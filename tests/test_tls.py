@@ -44,6 +44,18 @@ class TLSTestCase(ServerMixin, unittest.TestCase):
     def blocking(self, f: Any, *args: Any) -> Any:
         return threads.deferToThread(f, *args)
 
+    def tls_socket(self, port: int, stls: bool, timeout: float = 10) -> Any:
+        """A TLS connection to the server, its greeting read: after STLS, or implicit TLS."""
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if stls:
+            recv_line(raw)
+            raw.sendall(b"STLS\r\n")
+            recv_line(raw)
+        tls = self.context.wrap_socket(raw, server_hostname="localhost")
+        if not stls:
+            recv_line(tls)
+        return tls
+
     def listen_ssl(self, factory: Any) -> Any:
         """C{factory} on an implicit-TLS C{ssl:} endpoint (a Deferred of the port)."""
         endpoint = endpoints.serverFromString(
@@ -153,14 +165,7 @@ class TLSAnswersAtOnce(TLSTestCase):
     """
 
     def logged_in(self, port: int, stls: bool) -> Any:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-        if stls:
-            recv_line(raw)
-            raw.sendall(b"STLS\r\n")
-            recv_line(raw)
-        tls = self.context.wrap_socket(raw, server_hostname="localhost")
-        if not stls:
-            recv_line(tls)
+        tls = self.tls_socket(port, stls, timeout=5)
         tls.sendall(b"USER alice\r\nPASS secret\r\n")
         recv_line(tls)
         recv_line(tls)
@@ -285,14 +290,7 @@ class ServerGoneAfterQuit(TLSTestCase):
     def client(self, port: int, stls: bool, login: bool, close_notify: bool | None,
                held: list[Any] | None = None) -> bytes:
         """QUIT, read +OK Bye, then send close_notify (or not) and close (or hold the socket)."""
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        if stls:
-            recv_line(raw)
-            raw.sendall(b"STLS\r\n")
-            recv_line(raw)
-        tls = self.context.wrap_socket(raw, server_hostname="localhost")
-        if not stls:
-            recv_line(tls)
+        tls = self.tls_socket(port, stls)
         if login:
             tls.sendall(b"USER alice\r\nPASS secret\r\n")
             recv_line(tls)
