@@ -428,7 +428,10 @@ def observability(options: Any, factory: POP3ServerFactory, top: ListeningServic
     if options.get("worker-fds") is None:  # (a worker's parent writes)
         from popservice.server.logformat import use_classic_text_logs, use_json_logs
 
-        use_json_logs() if options["log-format"] == "json" else use_classic_text_logs()
+        if options["log-format"] == "json":
+            use_json_logs()
+        else:
+            use_classic_text_logs()
     if options["metrics"]:
         from prometheus_client import disable_created_metrics
 

@@ -202,16 +202,14 @@ class MaildirMailbox:
             raise MessageGone("message deleted")
         try:
             fd = self._open_file(index)
-        except MessageGone:
-            raise
-        except OSError as e:
+        except OSError as e:  # (MessageGone is no OSError: it passes as it is)
             raise _translate(e, "opening a message") from e
         return MaildirMessageStream(fd, regular=True)
 
     def open(self, index: int) -> "defer.Deferred[IMessageStream]":
         try:
             return defer.succeed(self.open_now(index))
-        except (MessageGone, MailboxUnavailable, IndexError, OSError) as e:
+        except (MessageGone, MailboxUnavailable, IndexError) as e:
             return defer.fail(e)
 
     def _delete_sync(self, indices: list[int]) -> list[int]:
